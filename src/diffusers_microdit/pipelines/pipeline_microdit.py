@@ -1,0 +1,360 @@
+"""Text-to-image pipeline for MicroDiT (EDM sampling with classifier-free guidance on a zero null caption)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.autoencoders import AutoencoderKL
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..models.transformer_microdit import MicroDiTTransformer2DModel
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> import diffusers_microdit  # makes the MicroDiT classes known to diffusers
+        >>> from diffusers import DiffusionPipeline
+
+        >>> pipe = DiffusionPipeline.from_pretrained("path/to/microdit-pipeline", torch_dtype=torch.bfloat16)
+        >>> image = pipe("An astronaut riding a horse in Origami style", generator=torch.manual_seed(0)).images[0]
+        ```
+"""
+
+
+def vae_scale_factor_of(vae) -> int:
+    """Spatial downsampling of a diffusers autoencoder (AutoencoderKL: block_out_channels; AutoencoderTiny:
+    encoder_block_out_channels)."""
+    config = vae.config
+    blocks = getattr(config, "block_out_channels", None) or getattr(config, "encoder_block_out_channels")
+    return 2 ** (len(blocks) - 1)
+
+
+class MicroDiTPipeline(DiffusionPipeline):
+    r"""Text-to-image generation with [`MicroDiTTransformer2DModel`].
+
+    Components:
+        transformer: the MicroDiT EDM network.
+        vae: a diffusers autoencoder (`AutoencoderKL` for the official checkpoints; `AutoencoderTiny` etc. work).
+        text_encoder: any transformers encoder whose `last_hidden_state` is the caption embedding (the converted
+            DFN5B CLIP text tower for the official checkpoints). It is called without an attention mask, like the
+            original, so every padded position reaches the transformer.
+        tokenizer: pads to a fixed length (77 with id 0 for the official checkpoints).
+        scheduler: an EDM scheduler whose timesteps are `ln(sigma) / 4` (`EDMHeunScheduler` reproduces the
+            original sampler; diffusers' `EDMEulerScheduler` and `EDMDPMSolverMultistepScheduler` also work).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        transformer: MicroDiTTransformer2DModel,
+        vae: AutoencoderKL,
+        text_encoder: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        scheduler: KarrasDiffusionSchedulers,
+    ):
+        super().__init__()
+        self.register_modules(
+            transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
+        )
+        self.vae_scale_factor = vae_scale_factor_of(vae) if vae is not None else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def default_sample_size(self) -> int:
+        return self.transformer.config.sample_size * self.vae_scale_factor
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def _encode_text(self, prompt: list[str], device: torch.device) -> torch.Tensor:
+        tokens = self.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        # No attention mask: the original consumes every position, padding included.
+        return self.text_encoder(tokens.input_ids.to(device)).last_hidden_state
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Caption token states (B * num_images_per_prompt, L, C), and the unconditional ones when guiding: the
+        encoded negative prompt if given, else MicroDiT's null caption (all zeros)."""
+        device = device or self._execution_device
+        if prompt_embeds is None:
+            prompt = [prompt] if isinstance(prompt, str) else prompt
+            prompt_embeds = self._encode_text(prompt, device)
+        prompt_embeds = prompt_embeds.to(device)
+        batch_size = prompt_embeds.shape[0]
+
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            if negative_prompt is None:
+                negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+            else:
+                negative_prompt = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
+                negative_prompt_embeds = self._encode_text(negative_prompt, device)
+        if not do_classifier_free_guidance:
+            negative_prompt_embeds = None
+
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds, negative_prompt_embeds
+
+    def check_inputs(
+        self,
+        prompt,
+        height,
+        width,
+        num_inference_steps,
+        guidance_scale,
+        num_images_per_prompt,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        latents=None,
+        output_type="pil",
+        callback_on_step_end_tensor_inputs=None,
+    ):
+        multiple = self.vae_scale_factor * self.transformer.config.patch_size
+        for name, size in (("height", height), ("width", width)):
+            if not isinstance(size, int) or size <= 0 or size % multiple:
+                raise ValueError(
+                    f"`{name}` must be a positive multiple of {multiple} (VAE factor {self.vae_scale_factor} x patch "
+                    f"size {self.transformer.config.patch_size}), got {size!r}."
+                )
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        if not isinstance(guidance_scale, (int, float)):
+            raise ValueError(f"`guidance_scale` must be a number, got {type(guidance_scale).__name__}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}.")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"`output_type` must be one of 'pil', 'np', 'pt', 'latent', got {output_type!r}.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass a `prompt` (string or list of strings) or precomputed `prompt_embeds`.")
+        if prompt is not None and not (
+            isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
+        ):
+            raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {type(prompt).__name__}.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None and (not isinstance(embeds, torch.Tensor) or embeds.ndim != 3):
+                raise ValueError(f"`{name}` must be a (batch, tokens, channels) tensor.")
+        if prompt_embeds is not None and prompt_embeds.shape[-1] != self.transformer.config.caption_channels:
+            raise ValueError(
+                f"`prompt_embeds` have {prompt_embeds.shape[-1]} channels, the transformer expects "
+                f"{self.transformer.config.caption_channels}."
+            )
+        if negative_prompt_embeds is not None and (
+            prompt_embeds is None or negative_prompt_embeds.shape != prompt_embeds.shape
+        ):
+            raise ValueError(
+                "`negative_prompt_embeds` must come with `prompt_embeds` of the same shape, got "
+                f"{tuple(negative_prompt_embeds.shape)} and "
+                f"{None if prompt_embeds is None else tuple(prompt_embeds.shape)}."
+            )
+        batch_size = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
+            raise ValueError(
+                f"`negative_prompt` has {len(negative_prompt)} entries but the batch has {batch_size} prompts."
+            )
+        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
+            raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt).__name__}.")
+        if latents is not None:
+            expected = (
+                batch_size * num_images_per_prompt,
+                self.transformer.config.in_channels,
+                height // self.vae_scale_factor,
+                width // self.vae_scale_factor,
+            )
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}.")
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` {unknown} are not available; choose from "
+                    f"{self._callback_tensor_inputs}."
+                )
+        return batch_size
+
+    def prepare_latents(self, batch_size, num_channels, height, width, dtype, device, generator, latents=None):
+        """Unit-variance noise (drawn or given) scaled to the scheduler's starting noise level."""
+        shape = (batch_size, num_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"Got {len(generator)} generators for an effective batch of {batch_size} images; pass one per image."
+            )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] (the original applies no shift factor; a VAE that has one gets it)."""
+        config = self.vae.config
+        latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 5.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, Any, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate images.
+
+        Args:
+            prompt: text prompt(s).
+            negative_prompt: what to steer away from; by default the unconditional branch uses MicroDiT's null
+                caption (all-zero embeddings), as the original does.
+            height, width: image size in pixels, multiples of `vae_scale_factor * patch_size`; default is the
+                transformer's training resolution.
+            num_inference_steps: scheduler steps (the Heun scheduler makes 2N-1 network evaluations).
+            guidance_scale: classifier-free guidance; disabled at <= 1.
+            num_images_per_prompt: images per prompt.
+            generator: torch generator(s) for reproducible noise.
+            latents: unit-variance initial noise of shape (B, C, H/8, W/8); scaled by the scheduler's
+                `init_noise_sigma`.
+            prompt_embeds, negative_prompt_embeds: precomputed caption states (B, L, caption_channels).
+            output_type: "pil", "np", "pt" or "latent".
+            return_dict: return an `ImagePipelineOutput` instead of a tuple.
+            callback_on_step_end: called as `fn(pipe, step, timestep, callback_kwargs)` after every step; may return
+                replacements for the tensors named in `callback_on_step_end_tensor_inputs`.
+            callback_on_step_end_tensor_inputs: which of `latents`, `prompt_embeds`, `negative_prompt_embeds` to pass.
+        Examples:
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        height = height or self.default_sample_size
+        width = width or self.default_sample_size
+        batch_size = self.check_inputs(
+            prompt,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            num_images_per_prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            latents,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+        device = self._execution_device
+
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+        )
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        # The sampler state stays float32 whatever the transformer runs in.
+        latents = self.prepare_latents(
+            batch_size * num_images_per_prompt,
+            self.transformer.config.in_channels,
+            height,
+            width,
+            torch.float32,
+            device,
+            generator,
+            latents,
+        )
+        model_dtype = self.transformer.dtype
+
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = self.scheduler.scale_model_input(latents, t)
+                context = prompt_embeds
+                if self.do_classifier_free_guidance:
+                    model_input = torch.cat([model_input, model_input])
+                    context = torch.cat([negative_prompt_embeds, prompt_embeds])
+                model_output = self.transformer(
+                    model_input.to(model_dtype),
+                    t.expand(model_input.shape[0]),
+                    context.to(model_dtype),
+                ).sample.float()
+                if self.do_classifier_free_guidance:
+                    uncond, cond = model_output.chunk(2)
+                    model_output = uncond + guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(model_output, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for name in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[name] = locals()[name]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                progress_bar.update()
+
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
