@@ -276,8 +276,8 @@ class MicroDiTPipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        height = height or self.default_sample_size
-        width = width or self.default_sample_size
+        height = self.default_sample_size if height is None else height
+        width = self.default_sample_size if width is None else width
         batch_size = self.check_inputs(
             prompt,
             height,
@@ -308,7 +308,7 @@ class MicroDiTPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
-        # The sampler state stays float32 whatever the transformer runs in.
+        # The sampler works in float32 whatever the transformer runs in.
         latents = self.prepare_latents(
             batch_size * num_images_per_prompt,
             self.transformer.config.in_channels,
