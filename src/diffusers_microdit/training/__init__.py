@@ -1,0 +1,1 @@
+"""The training core shared by every `examples/train_*.py` script."""
