@@ -78,6 +78,7 @@ def test_convert_then_load_in_fresh_process(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     ids = pipe.tokenizer("a cat", padding="max_length", truncation=True).input_ids
     assert len(ids) == 77 and ids[-1] == 0  # padded like open_clip
+    assert 0 not in pipe.tokenizer.added_tokens_decoder  # "!" in a prompt stays a BPE token, not padding
     expected = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
 
     script = f"""

@@ -12,8 +12,9 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import CLIPTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..conversion.openclip import configure_openclip_tokenizer
 from ..models.transformer_microdit import MicroDiTTransformer2DModel
 
 EXAMPLE_DOC_STRING = """
@@ -63,6 +64,10 @@ class MicroDiTPipeline(DiffusionPipeline):
         scheduler: KarrasDiffusionSchedulers,
     ):
         super().__init__()
+        if isinstance(tokenizer, CLIPTokenizer) and tokenizer.pad_token_id == 0:
+            # A saved open_clip-style tokenizer reloads with "!" (id 0) as a special token, which would turn every
+            # "!" in a prompt into padding; rebuild it the way the original tokenises.
+            tokenizer = configure_openclip_tokenizer(tokenizer)
         self.register_modules(
             transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
         )
