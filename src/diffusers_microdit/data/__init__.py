@@ -1,0 +1,1 @@
+"""Training data: the embedded procedural shapes dataset (`diffusers_microdit.data.shapes`)."""
