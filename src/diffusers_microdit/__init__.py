@@ -13,12 +13,20 @@ from .models.transformer_microdit import (
     MicroDiTTransformerOutput,
     get_random_keep_ids,
 )
+from .models.transformer_pixart_kv import PixArtKVAttnProcessor2_0, PixArtSigmaKVTransformer2DModel
 from .pipelines.pipeline_microdit import MicroDiTPipeline
+from .pipelines.pipeline_pixart_kv import PixArtSigmaKVPipeline
 from .schedulers.scheduling_edm_heun import EDMHeunScheduler
 
 __version__ = "0.1.0"
 
-_DIFFUSERS_VISIBLE = (MicroDiTPipeline, MicroDiTTransformer2DModel, EDMHeunScheduler)
+_DIFFUSERS_VISIBLE = (
+    MicroDiTPipeline,
+    MicroDiTTransformer2DModel,
+    EDMHeunScheduler,
+    PixArtSigmaKVPipeline,
+    PixArtSigmaKVTransformer2DModel,
+)
 
 
 def _register_with_diffusers() -> None:
@@ -41,6 +49,9 @@ __all__ = [
     "MicroDiTPipeline",
     "MicroDiTTransformer2DModel",
     "MicroDiTTransformerOutput",
+    "PixArtKVAttnProcessor2_0",
+    "PixArtSigmaKVPipeline",
+    "PixArtSigmaKVTransformer2DModel",
     "configure_openclip_tokenizer",
     "convert_microdit_checkpoint",
     "convert_openclip_text_encoder",
