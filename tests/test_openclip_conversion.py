@@ -1,13 +1,14 @@
 """open_clip text tower -> transformers CLIPTextModel conversion, checked against golden open_clip outputs."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import AddedToken
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from helpers import FIXTURES
 
 from diffusers_microdit.conversion.openclip import (
     OPENCLIP_CONTEXT_LENGTH,
@@ -16,7 +17,7 @@ from diffusers_microdit.conversion.openclip import (
     openclip_text_state_dict_to_transformers,
 )
 
-FIXTURE_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "openclip_text"
+FIXTURE_DIR = FIXTURES / "openclip_text"
 STATE_DICT_FILE = FIXTURE_DIR / "openclip_text_public_state_dict.safetensors"
 NUM_HEADS = 4  # the fixture tower's head count, which the weights cannot tell
 

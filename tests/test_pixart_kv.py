@@ -23,7 +23,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-import diffusers_microdit  # noqa: F401  (registers the package's pipelines with diffusers, when wired)
+import diffusers_microdit  # noqa: F401  (registers the package's pipelines with diffusers)
 from diffusers_microdit.models.transformer_pixart_kv import (
     PixArtKVAttnProcessor2_0,
     PixArtKVCompression,

@@ -6,17 +6,18 @@ All references below are written from the published algorithm; the network is a 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
+from helpers import MICRODIT_FIXTURES
+
 from diffusers_microdit.schedulers.scheduling_edm_heun import EDMHeunScheduler, EDMHeunSchedulerOutput
 
 
 SIGMA_MIN, SIGMA_MAX, SIGMA_DATA, RHO = 0.002, 80.0, 0.9, 7.0
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "microdit" / "microdit_public_io.safetensors"
+FIXTURE = MICRODIT_FIXTURES / "microdit_public_io.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------------------------
