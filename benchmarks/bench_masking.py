@@ -27,21 +27,10 @@ import time
 
 import diffusers
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_microdit import MicroDiTTransformer2DModel, get_random_keep_ids
-
-aten = torch.ops.aten
-# FlopCounterMode only knows the CUDA attention kernels; without these entries attention on CPU counts as 0 FLOPs,
-# which would hide its quadratic saving from the FLOP ratio.
-CPU_ATTENTION_FLOPS = {}
-if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-    CPU_ATTENTION_FLOPS = {
-        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: (
-            lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v)
-        ),
-    }
+from diffusers_microdit.training.cost import CPU_ATTENTION_FLOPS
 
 
 def busy_cpu_seconds() -> float:

@@ -505,6 +505,7 @@ class MicroDiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAd
         timestep: torch.Tensor | float,
         encoder_hidden_states: torch.Tensor,
         keep_ids: torch.Tensor | None = None,
+        masking: str = "deferred",
         return_dict: bool = True,
     ) -> MicroDiTTransformerOutput | tuple:
         """Run the network.
@@ -513,8 +514,11 @@ class MicroDiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAd
             hidden_states: (B, C, H, W) preconditioned latents `c_in * x`; H and W divisible by `patch_size`.
             timestep: EDM noise conditioning `ln(sigma) / 4`, shape (B,), (1,) or a scalar.
             encoder_hidden_states: (B, L, caption_channels) caption token states ((B, 1, L, C) is accepted too).
-            keep_ids: optional (B, K) long patch indices (row-major) kept by deferred masking, processed in the
-                given order after the patch mixer; see `get_random_keep_ids`.
+            keep_ids: optional (B, K) long patch indices (row-major) kept by masking, processed in the given
+                order; see `get_random_keep_ids`.
+            masking: where `keep_ids` drops patches: `"deferred"` (the paper) after the patch mixer, so the mixer
+                sees every patch; `"naive"` right after patch embedding, so the mixer sees only kept patches (the
+                paper's ablation baseline).
             return_dict: return a [`MicroDiTTransformerOutput`] instead of a `(sample, mask)` tuple.
         """
         batch, _, height, width = hidden_states.shape
@@ -533,13 +537,19 @@ class MicroDiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAd
         context = self.caption_refiner(self.caption_projection(encoder_hidden_states))
         cond = self.time_embedding(timestep) + self.pooled_caption_projection(context.mean(dim=1))
 
+        if masking not in ("deferred", "naive"):
+            raise ValueError(f"masking must be 'deferred' or 'naive', got {masking!r}.")
+        if keep_ids is not None:
+            keep_ids = self._check_keep_ids(keep_ids, batch, num_tokens, x.device)
+        if keep_ids is not None and masking == "naive":
+            x = torch.gather(x, 1, keep_ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
         x = self.patch_mixer_proj_in(x)
         mixer_context = self.patch_mixer_proj_context(context)
         for block in self.patch_mixer_blocks:
             x = self._run_block(block, x, mixer_context, cond)
 
-        if keep_ids is not None:
-            keep_ids = self._check_keep_ids(keep_ids, batch, num_tokens, x.device)
+        if keep_ids is not None and masking == "deferred":
             x = torch.gather(x, 1, keep_ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = self.patch_mixer_proj_out(x)
         for block in self.transformer_blocks:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from diffusers import EDMEulerScheduler
@@ -27,12 +29,14 @@ def edm_loss(
     sigmas: torch.Tensor,
     noise: torch.Tensor,
     keep_ids: torch.Tensor | None = None,
+    masking: str = "deferred",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EDM loss `w(sigma) * (D(x0 + sigma * n, sigma) - x0)^2` with `w = (sigma^2 + sd^2) / (sigma * sd)^2`.
 
     `D` is the transformer preconditioned by the scheduler (any diffusers EDM scheduler; its `sigma_data` is used),
-    exactly as at sampling time. With `keep_ids` (deferred masking) the per-pixel loss is averaged per patch and
-    then over each sample's kept patches only; removed patches contribute nothing. Returns the batch mean and the
+    exactly as at sampling time. With `keep_ids` (deferred or naive masking, see the model's `masking`) the
+    per-pixel loss is averaged per patch and then over each sample's kept patches only; removed patches contribute
+    nothing. `transformer` may be wrapped (DDP, FSDP): only its forward is used. Returns the batch mean and the
     per-sample losses (B,).
     """
     sigma_data = scheduler.config.sigma_data
@@ -42,6 +46,7 @@ def edm_loss(
         scheduler.precondition_noise(sigmas.flatten()),
         encoder_hidden_states,
         keep_ids=keep_ids,
+        masking=masking,
     )
     denoised = scheduler.precondition_outputs(noisy, output.sample, sigmas)
     weight = (sigmas**2 + sigma_data**2) / (sigmas * sigma_data) ** 2
@@ -49,7 +54,7 @@ def edm_loss(
     if keep_ids is None:
         per_sample = pixel_loss.flatten(1).mean(dim=1)
     else:
-        patch_size = transformer.config.patch_size
+        patch_size = math.isqrt(latents.shape[-2] * latents.shape[-1] // output.mask.shape[1])
         patch_loss = F.avg_pool2d(pixel_loss.mean(dim=1), patch_size).flatten(1)  # (B, T), row-major = token order
         kept = 1.0 - output.mask
         per_sample = (patch_loss * kept).sum(dim=1) / kept.sum(dim=1)

@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Encode an image-caption dataset once into VAE latents and caption embeddings for training.
+
+    python examples/precompute_embeddings.py --pretrained_model_name_or_path PIPELINE \\
+        --dataset_name user/data --caption_column text --resolutions 256 512 --output_dir cache/
+
+PIPELINE is any pipeline folder of this package (MicroDiT, PixArt-Sigma KV, LiT): its VAE and text encoder are
+used exactly as at sampling time; its transformer is not loaded. The cache is a folder of parquet shards (one
+`datasets` dataset) plus precompute.json with counts. Rerunning the same command after an interruption continues
+where it stopped. Rows with unreadable images or no caption are skipped and counted.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+from diffusers import DiffusionPipeline
+
+import diffusers_microdit  # noqa: F401  (registers the package's classes with diffusers)
+from diffusers_microdit.training.args import resolve_pipeline_path
+from diffusers_microdit.training.data import load_image_caption_source, precompute_embeddings
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="Pipeline with the VAE and text encoder.")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--dataset_name", default=None, help="Hub dataset id, or a local `save_to_disk` folder.")
+    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--dataset_split", default="train")
+    parser.add_argument("--train_data_dir", default=None, help="Image folder with metadata.jsonl captions.")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--caption_column", default="text")
+    parser.add_argument("--streaming", action="store_true", help="Stream the source (large Hub datasets).")
+    parser.add_argument("--max_samples", type=int, default=None)
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[256], help="Image sizes to encode, in px.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--shard_size", type=int, default=1000, help="Rows per parquet shard (unit of resuming).")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the VAE posterior samples.")
+    parser.add_argument("--cache_dir", default=None, help="Where `datasets` caches downloads.")
+    args = parser.parse_args(argv)
+    errors = []
+    if (args.dataset_name is None) == (args.train_data_dir is None):
+        errors.append("Give exactly one of --dataset_name and --train_data_dir.")
+    for name in ("shard_size", "batch_size"):
+        if getattr(args, name) < 1:
+            errors.append(f"--{name} must be >= 1.")
+    if any(r < 8 for r in args.resolutions):
+        errors.append(f"--resolutions must be image sizes in pixels, got {args.resolutions}.")
+    if errors:
+        raise SystemExit("Invalid arguments:\n  " + "\n  ".join(errors))
+    args.pretrained_model_name_or_path = resolve_pipeline_path(args.pretrained_model_name_or_path)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipeline = DiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, transformer=None
+    ).to(device)
+    factor = pipeline.vae_scale_factor
+    if any(r % factor for r in args.resolutions):
+        raise SystemExit(f"--resolutions must be multiples of the VAE's downsampling factor {factor}.")
+    source = load_image_caption_source(
+        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.dataset_split, args.streaming,
+        args.cache_dir,
+    )
+    info = precompute_embeddings(
+        pipeline, source, args.output_dir, args.resolutions, args.image_column, args.caption_column,
+        args.shard_size, args.batch_size, args.max_samples, args.seed,
+    )
+    print(json.dumps(info, indent=2))
+    print(f"Cache in {os.path.abspath(args.output_dir)}: train with --precomputed_dataset {args.output_dir}")
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Train MicroDiT with Accelerate: deferred-masking pretraining, unmasked finetuning, progressive resolution.
+
+The paper's recipe as chained runs (each starts from the previous run's output with --init_from):
+
+    accelerate launch examples/train_microdit.py --init_from BASE --transformer_config MicroDiT_XL_2 \\
+        --precomputed_dataset cache/ --resolution 256 --mask_ratio 0.75 --output_dir stage1
+    accelerate launch examples/train_microdit.py --init_from stage1 --precomputed_dataset cache/ \\
+        --resolution 256 --mask_ratio 0 --lr_scheduler constant --learning_rate 8e-5 --output_dir stage2
+    accelerate launch examples/train_microdit.py --init_from stage2 --precomputed_dataset cache/ \\
+        --resolution 512 --mask_ratio 0.75 --p_mean 0 --p_std 0.6 --max_grad_norm 0.5 ... --output_dir stage3
+
+BASE is a MicroDiT pipeline folder (VAE, text encoder, tokenizer, scheduler; its transformer is replaced by a new
+one when --transformer_config is given). Data comes from caches written by examples/precompute_embeddings.py.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+import diffusers_microdit  # noqa: F401  (registers the package's classes with diffusers)
+from diffusers_microdit import MicroDiTPipeline, MicroDiTTransformer2DModel, get_random_keep_ids
+from diffusers_microdit.models.transformer_microdit import MICRODIT_PRESETS
+from diffusers_microdit.pipelines.pipeline_microdit import vae_scale_factor_of
+from diffusers_microdit.training.args import add_training_args, check_training_args, resolve_pipeline_path
+from diffusers_microdit.training.data import cached_resolutions, load_precomputed
+from diffusers_microdit.training.losses import edm_loss, sample_edm_sigmas
+from diffusers_microdit.training.trainer import DiffusionTrainer
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(parser, learning_rate=2.4e-4, weight_decay=0.1)  # the paper's AdamW
+    microdit = parser.add_argument_group("MicroDiT")
+    microdit.add_argument(
+        "--transformer_config", default=None,
+        help=f"Train a new transformer from scratch: a preset ({', '.join(MICRODIT_PRESETS)}) or a JSON file of "
+        "MicroDiTTransformer2DModel arguments. Without it the --init_from transformer is trained further.",
+    )
+    microdit.add_argument("--mask_ratio", type=float, default=0.75, help="0.75 to pretrain, 0 to finetune.")
+    microdit.add_argument(
+        "--masking", default="deferred", choices=["deferred", "naive", "none"],
+        help="deferred: drop patches after the patch mixer (the paper); naive: before it; none: no masking.",
+    )
+    microdit.add_argument("--p_mean", type=float, default=-0.6, help="EDM log-sigma mean (0 at 512 px).")
+    microdit.add_argument("--p_std", type=float, default=1.2, help="EDM log-sigma std (0.6 at 512 px).")
+    microdit.add_argument("--caption_dropout", type=float, default=0.1, help="Share of all-zero captions (CFG).")
+    parser.set_defaults(lr_scheduler="cosine", max_grad_norm=0.25, validation_guidance_scale=5.0)
+    args = parser.parse_args(argv)
+
+    check_training_args(args)
+    errors = []
+    if args.pretrained_model_name_or_path is None:
+        errors.append("--init_from (or --pretrained_model_name_or_path) is required: a MicroDiT pipeline folder.")
+    if not 0.0 <= args.mask_ratio < 1.0:
+        errors.append(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}.")
+    if args.masking == "none" and args.mask_ratio > 0:
+        args.mask_ratio = 0.0
+    if not 0.0 <= args.caption_dropout < 1.0:
+        errors.append(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
+    config = args.transformer_config
+    if config is not None and config not in MICRODIT_PRESETS and not Path(config).is_file():
+        errors.append(f"--transformer_config {config} is neither a preset ({sorted(MICRODIT_PRESETS)}) nor a file.")
+    if errors:
+        raise SystemExit("Invalid arguments:\n  " + "\n  ".join(errors))
+    args.pretrained_model_name_or_path = resolve_pipeline_path(args.pretrained_model_name_or_path)
+    return args
+
+
+def build_transformer(args, pipeline: MicroDiTPipeline) -> MicroDiTTransformer2DModel:
+    """A new transformer (--transformer_config) sized for the VAE and text encoder, or the loaded one, with its
+    latent size and position interpolation moved to --resolution as the original's 256 -> 512 px stage does."""
+    vae_factor = vae_scale_factor_of(pipeline.vae)
+    if args.transformer_config is not None:
+        if args.transformer_config in MICRODIT_PRESETS:
+            config = dict(MICRODIT_PRESETS[args.transformer_config])
+        else:
+            config = json.loads(Path(args.transformer_config).read_text())
+        config.setdefault("in_channels", pipeline.vae.config.latent_channels)
+        config.setdefault("caption_channels", pipeline.text_encoder.config.hidden_size)
+        config.setdefault("sample_size", args.resolution // vae_factor)
+        return MicroDiTTransformer2DModel(**config)
+    transformer = MicroDiTTransformer2DModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, variant=args.variant
+    )
+    if args.resolution is not None and args.resolution // vae_factor != transformer.config.sample_size:
+        old, new = transformer.config.sample_size, args.resolution // vae_factor
+        # Positions are index / pos_interp_scale: scaling it with the grid keeps the trained coordinate range.
+        transformer.register_to_config(sample_size=new, pos_interp_scale=transformer.config.pos_interp_scale * new / old)
+    return transformer
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    trainer = DiffusionTrainer(args)
+    load_without_transformer = {"transformer": None} if args.transformer_config else {}
+    pipeline = DiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **load_without_transformer
+    )
+    if not isinstance(pipeline, MicroDiTPipeline):
+        raise SystemExit(f"--init_from must be a MicroDiT pipeline, got {type(pipeline).__name__}.")
+    for frozen in (pipeline.vae, pipeline.text_encoder):
+        frozen.requires_grad_(False).eval()
+    if args.resolution is None and args.transformer_config is not None:
+        resolutions = sorted(set.intersection(*(set(cached_resolutions(d)) for d in args.precomputed_dataset)))
+        if len(resolutions) != 1:
+            raise SystemExit(f"Pick the training size with --resolution (the caches hold {resolutions}).")
+        args.resolution = resolutions[0]
+    transformer = build_transformer(args, pipeline)
+    args.resolution = args.resolution or transformer.config.sample_size * vae_scale_factor_of(pipeline.vae)
+    scheduler = pipeline.scheduler
+    num_tokens = (transformer.config.sample_size // transformer.config.patch_size) ** 2
+    masking = args.masking if args.mask_ratio > 0 else "none"
+    trainer.accelerator.print(
+        f"MicroDiT at {args.resolution} px ({num_tokens} patches), masking: {masking}"
+        + (f" {args.mask_ratio:.0%}" if masking != "none" else "")
+    )
+
+    dataset = load_precomputed(
+        args.precomputed_dataset, args.resolution, args.precomputed_dataset_probabilities, args.streaming, args.seed
+    )
+
+    def compute_loss(model, batch, draws) -> torch.Tensor:
+        latents = batch["latents"].to(draws.device, torch.float32)  # the original casts to float32 for the loss
+        captions = batch["prompt_embeds"].to(draws.device, torch.float32)
+        n = draws.global_batch
+        sigmas = draws.local(sample_edm_sigmas(n, args.p_mean, args.p_std, generator=draws.generator))
+        noise = draws.local(torch.randn(n, *latents.shape[1:], generator=draws.generator))
+        keep_ids = None
+        if masking != "none":
+            keep_ids = draws.local(get_random_keep_ids(n, num_tokens, args.mask_ratio, generator=draws.generator))
+        # Caption dropout: all-zero embeddings, MicroDiT's null caption for classifier-free guidance.
+        keep_caption = draws.local(torch.rand(n, generator=draws.generator) >= args.caption_dropout)
+        captions = captions * keep_caption.view(-1, 1, 1)
+        loss, _ = edm_loss(
+            model, scheduler, latents, captions, sigmas, noise, keep_ids=keep_ids,
+            masking="naive" if masking == "naive" else "deferred",
+        )
+        return loss
+
+    def build_pipeline(model) -> MicroDiTPipeline:
+        return MicroDiTPipeline(
+            transformer=model, vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
+            scheduler=scheduler,
+        )
+
+    trainer.prepare(transformer, dataset, compute_loss)
+    trainer.train(build_pipeline)
+    trainer.finish(build_pipeline)
+
+
+if __name__ == "__main__":
+    main()

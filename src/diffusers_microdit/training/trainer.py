@@ -1,0 +1,393 @@
+"""The training loop every `examples/train_*.py` runs, on Accelerate (DDP, FSDP, DeepSpeed, multi-node).
+
+A script builds its model and a `compute_loss(model, batch, draws)` for its objective; `DiffusionTrainer` does the
+rest the diffusers examples' way: optimizer, `get_scheduler`, `EMAModel`, gradient accumulation and clipping,
+`save_state`/`load_state` checkpoints with save/load hooks, trackers, validation grids, the cost meter and the final
+pipeline folder. Two additions make runs reproducible across kills and process counts:
+
+* every random draw of a micro-batch (noise levels, noise, masks, caption dropout) comes from `BatchRandomness`,
+  seeded by (seed, micro-step) and sliced by the sample's place in the global batch, so it does not depend on
+  RNG state, on resuming, or on how many processes share the batch;
+* checkpoints are written to `checkpoint-N.tmp` and renamed when complete, so a kill mid-write never leaves a
+  `checkpoint-N` that `--resume_from_checkpoint latest` would pick but could not load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from .cost import CostMeter, count_parameters, count_training_flops, peak_flops
+from .reporting import LossHistory, image_grid, log_images
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class BatchRandomness:
+    """Random draws for one micro-batch that depend only on (seed, micro-step) and the row in the global batch.
+
+    Every process draws the values of the whole global batch from the same generator and keeps its own rows, so
+    a 2-process run sees exactly the draws of a 1-process run with the same global batch, and a resumed run the
+    draws of an uninterrupted one. Use `generator` with a `global_batch`-sized draw, then `local(...)`.
+    """
+
+    def __init__(self, seed: int, micro_step: int, process_index: int, num_processes: int, local_batch: int, device):
+        state = np.random.SeedSequence([seed, micro_step]).generate_state(2, dtype=np.uint32)
+        self.generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        self.global_batch = local_batch * num_processes
+        self.rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+        self.device = device
+
+    def local(self, values: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a global-batch draw, on the training device."""
+        return values[self.rows].to(self.device)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX) :])
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (`.tmp` writes in progress and `.deleting` rotations excluded)."""
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()]
+    return sorted(found, key=checkpoint_step)
+
+
+class DiffusionTrainer:
+    """Accelerate training of one diffusers model (`transformer`) on a `datasets` dataset of precomputed batches.
+
+    Usage: `trainer = DiffusionTrainer(args)`; build the model (seeded); `trainer.prepare(model, dataset,
+    compute_loss)`; `trainer.train(build_pipeline)`; `trainer.finish(build_pipeline)`. `compute_loss(model, batch,
+    draws)` returns the scalar loss of a micro-batch, drawing all its randomness from `draws` (a `BatchRandomness`);
+    `build_pipeline(model)` returns a pipeline around the unwrapped model, for validation images and the output.
+    """
+
+    model_name = "transformer"
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.output_dir = Path(args.output_dir)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=None if args.report_to == "none" else args.report_to,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)
+            ),
+            # Data order = f(seed, epoch) on every process, so resumed and multi-process runs see the same batches.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        )
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        set_seed(args.seed)
+        if args.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for stale in itertools.chain(self.output_dir.glob("*.tmp"), self.output_dir.glob("*.deleting")):
+                shutil.rmtree(stale, ignore_errors=True)  # an interrupted checkpoint write or rotation
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            self.accelerator.mixed_precision, torch.float32
+        )
+        self.loss_history = LossHistory()
+        self.global_step = 0
+        self.ema = None
+        self.cost = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def unwrap(self, model=None) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model if model is not None else self.model)
+
+    # ---------------------------------------------------------------- set-up
+
+    def prepare(self, model: torch.nn.Module, dataset, compute_loss: Callable, collate_fn: Callable | None = None):
+        """Optimizer, LR schedule, EMA, dataloader and checkpoint hooks around `model`; resumes if asked."""
+        args, accelerator = self.args, self.accelerator
+        self.compute_loss = compute_loss
+        collate_fn = collate_fn or torch.utils.data.default_collate
+        if args.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        if args.use_ema:
+            self.ema = EMAModel(
+                model.parameters(), decay=args.ema_decay, model_cls=type(model), model_config=model.config, foreach=True
+            )
+            self.ema.to(self.device)
+
+        global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        learning_rate = args.learning_rate * global_batch if args.scale_lr else args.learning_rate
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # Fused AdamW: on CPU the per-tensor loop is several times slower than the step it updates.
+        optimizer = torch.optim.AdamW(
+            trainable,
+            lr=learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            weight_decay=args.adam_weight_decay,
+            eps=args.adam_epsilon,
+            fused=self.device.type in ("cpu", "cuda") and all(p.dtype.is_floating_point for p in trainable),
+        )
+
+        iterable = not hasattr(dataset, "__len__")
+        if iterable:
+            dataset = dataset.shuffle(seed=args.seed, buffer_size=10_000)
+        dataloader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=args.train_batch_size,
+            shuffle=not iterable,
+            drop_last=True,
+            collate_fn=collate_fn,
+            num_workers=args.dataloader_num_workers,
+        )
+        if iterable and args.max_train_steps is None:
+            raise SystemExit("Streaming data has no length: pass --max_train_steps.")
+        if not iterable and len(dataloader) == 0:
+            raise SystemExit(
+                f"The dataset has {len(dataset)} rows, fewer than one batch of {args.train_batch_size}: lower "
+                "--train_batch_size or add data."
+            )
+        if args.max_train_steps is None:
+            batches = math.ceil(len(dataloader) / accelerator.num_processes)
+            args.max_train_steps = args.num_train_epochs * math.ceil(batches / args.gradient_accumulation_steps)
+        lr_scheduler = get_scheduler(
+            args.lr_scheduler,
+            optimizer=optimizer,
+            # The prepared scheduler steps once per process per optimizer step.
+            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=args.max_train_steps * accelerator.num_processes,
+            num_cycles=args.lr_num_cycles,
+        )
+        self._start_cost_meter(model, collate_fn([next(iter(dataset))]))
+        if args.torch_compile:
+            model = torch.compile(model)
+        self.model, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
+            model, optimizer, dataloader, lr_scheduler
+        )
+        accelerator.register_save_state_pre_hook(self._save_hook)
+        accelerator.register_load_state_pre_hook(self._load_hook)
+        if accelerator.is_main_process:
+            config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+            accelerator.init_trackers(args.tracker_project_name or self.output_dir.name, config)
+        self._resume()
+
+    def _start_cost_meter(self, model: torch.nn.Module, one_image_batch) -> None:
+        """Count parameters and the FLOPs of one training image (a real forward+backward of a batch of 1)."""
+        total, active = count_parameters(model)
+        draws = BatchRandomness(self.args.seed, 2**32, 0, 1, 1, self.device)  # outside the run's micro-steps
+        model.to(self.device)
+        with self.accelerator.autocast():
+            flops = count_training_flops(lambda: self.compute_loss(model, one_image_batch, draws).backward())
+        model.zero_grad(set_to_none=True)
+        self.cost = CostMeter(
+            total_params=total,
+            active_params=active,
+            flops_per_image=flops,
+            num_devices=self.accelerator.num_processes,
+            peak_flops_per_device=peak_flops(self.device, self.args.peak_tflops),
+            gpu_hour_cost=self.args.gpu_hour_cost,
+        )
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _save_hook(self, models, weights, output_dir) -> None:
+        if self.accelerator.is_main_process:
+            for model in models:
+                self.save_model_weights(self.unwrap(model), Path(output_dir) / self.model_name)
+            if self.ema is not None:
+                self.ema.save_pretrained(Path(output_dir) / f"{self.model_name}_ema")
+            self.loss_history.save(output_dir)
+        weights.clear()  # saved above as safetensors; Accelerate must not pickle them again
+
+    def _load_hook(self, models, input_dir) -> None:
+        while models:
+            self.load_model_weights(self.unwrap(models.pop()), Path(input_dir) / self.model_name)
+        if self.ema is not None:
+            loaded = EMAModel.from_pretrained(Path(input_dir) / f"{self.model_name}_ema", model_cls=type(self.unwrap()))
+            self.ema.load_state_dict(loaded.state_dict())
+            self.ema.to(self.device)
+        self.loss_history.load(input_dir)
+
+    def save_model_weights(self, model: torch.nn.Module, folder: Path) -> None:
+        """How a checkpoint stores the trained weights (full model here; LoRA training stores adapters)."""
+        model.save_pretrained(folder)
+
+    def load_model_weights(self, model: torch.nn.Module, folder: Path) -> None:
+        loaded = type(model).from_pretrained(folder)
+        model.register_to_config(**loaded.config)
+        model.load_state_dict(loaded.state_dict())
+
+    def save_checkpoint(self) -> Path:
+        """`save_state` into `checkpoint-N.tmp`, then an atomic rename; older checkpoints beyond the limit are
+        removed only after the new one is complete."""
+        accelerator = self.accelerator
+        final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.global_step}"
+        tmp = final.with_name(final.name + ".tmp")
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            limit = self.args.checkpoints_total_limit
+            if limit is not None:
+                for old in list_checkpoints(self.output_dir)[:-limit]:
+                    doomed = old.with_name(old.name + ".deleting")  # a half-deleted folder never looks complete
+                    os.replace(old, doomed)
+                    shutil.rmtree(doomed)
+            logger.info(f"Saved {final}")
+        accelerator.wait_for_everyone()
+        return final
+
+    def _resume(self) -> None:
+        choice = self.args.resume_from_checkpoint
+        if choice is None:
+            return
+        if choice == "latest":
+            found = list_checkpoints(self.output_dir)
+            if not found:
+                self.accelerator.print(f"No checkpoint in {self.output_dir}; starting a new run.")
+                return
+            path = found[-1]
+        else:
+            path = Path(choice)
+        self.accelerator.print(f"Resuming from checkpoint {path.name}")
+        self.accelerator.load_state(str(path))
+        self.global_step = checkpoint_step(path)
+
+    # ---------------------------------------------------------------- loop
+
+    def train(self, build_pipeline: Callable | None = None) -> None:
+        """Run until `--max_train_steps`, validating every `--validation_steps` with `build_pipeline`."""
+        args, accelerator = self.args, self.accelerator
+        accumulation = args.gradient_accumulation_steps
+        planned_images = args.max_train_steps * args.train_batch_size * accumulation * accelerator.num_processes
+        accelerator.print(self.cost.summary(planned_images))
+
+        batches_per_epoch = len(self.dataloader) if hasattr(self.dataloader, "__len__") else None
+        done_batches = self.global_step * accumulation
+        first_epoch, skip = (done_batches // batches_per_epoch, done_batches % batches_per_epoch) if batches_per_epoch else (0, done_batches)
+        micro_step = done_batches
+        progress = tqdm(
+            range(args.max_train_steps), initial=self.global_step, desc="steps",
+            disable=not accelerator.is_local_main_process,
+        )
+        running_loss = 0.0
+        for epoch in itertools.count(first_epoch):
+            if self.global_step >= args.max_train_steps:
+                break
+            self.dataloader.set_epoch(epoch)
+            for batch in self.dataloader:
+                if skip:  # batches this run already trained on before it was interrupted
+                    skip -= 1
+                    continue
+                if micro_step % accumulation == 0:
+                    self.cost.start_step()
+                with accelerator.accumulate(self.model):
+                    draws = BatchRandomness(
+                        args.seed, micro_step, accelerator.process_index, accelerator.num_processes,
+                        args.train_batch_size, self.device,
+                    )
+                    loss = self.compute_loss(self.model, batch, draws)
+                    running_loss += accelerator.gather(loss.detach()).mean().item() / accumulation
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                micro_step += 1
+                if not accelerator.sync_gradients:
+                    continue
+                if self.ema is not None:
+                    self.ema.step(self.unwrap().parameters())
+                self.global_step += 1
+                if self.global_step > 1:  # the first step includes one-off warm-up costs
+                    self.cost.end_step(args.train_batch_size * accumulation * accelerator.num_processes)
+                logs = {"loss": running_loss, "lr": self.lr_scheduler.get_last_lr()[0]}
+                self.loss_history.append(self.global_step, running_loss)
+                running_loss = 0.0
+                progress.update(1)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{self.cost.images_per_second:.1f}")
+                accelerator.log(logs, step=self.global_step)
+                if self.global_step % args.checkpointing_steps == 0 or self.global_step == args.max_train_steps:
+                    self.save_checkpoint()
+                if build_pipeline is not None and self.global_step % args.validation_steps == 0:
+                    self.validate(build_pipeline, f"step-{self.global_step:06d}")
+                if self.global_step >= args.max_train_steps:
+                    break
+        progress.close()
+
+    # ---------------------------------------------------------------- validation and output
+
+    @torch.no_grad()
+    def validate(self, build_pipeline: Callable, name: str) -> list | None:
+        """Sample `--validation_prompts` with the EMA weights if kept; save a grid PNG and log it to the trackers."""
+        args = self.args
+        if not args.validation_prompts or not self.accelerator.is_main_process:
+            return None
+        model = self.unwrap()
+        if self.ema is not None:
+            self.ema.store(model.parameters())
+            self.ema.copy_to(model.parameters())
+        pipeline = build_pipeline(model).to(self.device)
+        pipeline.set_progress_bar_config(disable=True)
+        kwargs = {} if args.validation_guidance_scale is None else {"guidance_scale": args.validation_guidance_scale}
+        generator = torch.Generator(device=self.device).manual_seed(args.seed)
+        with self.accelerator.autocast():
+            images = pipeline(
+                args.validation_prompts, num_inference_steps=args.num_validation_inference_steps,
+                generator=generator, **kwargs,
+            ).images
+        if self.ema is not None:
+            self.ema.restore(model.parameters())
+        model.train()
+        folder = self.output_dir / "validation"
+        folder.mkdir(exist_ok=True)
+        image_grid(images).save(folder / f"{name}.png")
+        log_images(self.accelerator, "validation", images, args.validation_prompts, self.global_step)
+        return images
+
+    def finish(self, build_pipeline: Callable, model_card: dict | None = None):
+        """Save the final pipeline (EMA weights if kept) to `output_dir/pipeline`, the loss curve and history,
+        the cost summary, optionally push to the Hub; returns the pipeline on the main process."""
+        args, accelerator = self.args, self.accelerator
+        accelerator.wait_for_everyone()
+        pipeline = None
+        if accelerator.is_main_process:
+            model = self.unwrap()
+            if self.ema is not None:
+                self.ema.copy_to(model.parameters())
+            pipeline = build_pipeline(model)
+            pipeline.save_pretrained(self.output_dir / "pipeline")
+            self.loss_history.save(self.output_dir)
+            if self.loss_history.steps:
+                self.loss_history.plot(self.output_dir / "loss.png")
+            planned = args.max_train_steps * args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+            summary = self.cost.summary(planned)
+            (self.output_dir / "cost.txt").write_text(summary + "\n")
+            accelerator.print(summary)
+            self.validate(build_pipeline, "final")
+            accelerator.print(f"Saved the trained pipeline to {self.output_dir / 'pipeline'}")
+        accelerator.end_training()
+        return pipeline
