@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -105,6 +105,10 @@ class DiffusionTrainer:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             self.accelerator.mixed_precision, torch.float32
         )
+        # Sharded engines keep no full copy of the weights on one process: Accelerate saves them its own way.
+        self.sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if self.sharded and args.use_ema:
+            raise SystemExit("--use_ema is not supported with FSDP or DeepSpeed here; use DDP or drop --use_ema.")
         self.loss_history = LossHistory()
         self.global_step = 0
         self.ema = None
@@ -209,15 +213,17 @@ class DiffusionTrainer:
 
     def _save_hook(self, models, weights, output_dir) -> None:
         if self.accelerator.is_main_process:
-            for model in models:
-                self.save_model_weights(self.unwrap(model), Path(output_dir) / self.model_name)
+            if not self.sharded:
+                for model in models:
+                    self.save_model_weights(self.unwrap(model), Path(output_dir) / self.model_name)
             if self.ema is not None:
                 self.ema.save_pretrained(Path(output_dir) / f"{self.model_name}_ema")
             self.loss_history.save(output_dir)
-        weights.clear()  # saved above as safetensors; Accelerate must not pickle them again
+        if not self.sharded:
+            weights.clear()  # saved above in diffusers format; Accelerate must not save them again
 
     def _load_hook(self, models, input_dir) -> None:
-        while models:
+        while models and not self.sharded:
             self.load_model_weights(self.unwrap(models.pop()), Path(input_dir) / self.model_name)
         if self.ema is not None:
             loaded = EMAModel.from_pretrained(Path(input_dir) / f"{self.model_name}_ema", model_cls=type(self.unwrap()))
@@ -374,8 +380,12 @@ class DiffusionTrainer:
         args, accelerator = self.args, self.accelerator
         accelerator.wait_for_everyone()
         pipeline = None
+        state_dict = accelerator.get_state_dict(self.model) if self.sharded else None  # collective: all processes
         if accelerator.is_main_process:
             model = self.unwrap()
+            if state_dict is not None:  # rebuild an unsharded copy from the gathered weights
+                model = type(model).from_config(model.config)
+                model.load_state_dict(state_dict)
             if self.ema is not None:
                 self.ema.copy_to(model.parameters())
             pipeline = build_pipeline(model)
