@@ -8,12 +8,14 @@ import diffusers as _diffusers
 
 from .conversion.microdit import convert_microdit_checkpoint
 from .conversion.openclip import configure_openclip_tokenizer, convert_openclip_text_encoder
+from .models.transformer_lit import LiTLinearAttnProcessor, LiTTransformer2DModel
 from .models.transformer_microdit import (
     MicroDiTTransformer2DModel,
     MicroDiTTransformerOutput,
     get_random_keep_ids,
 )
 from .models.transformer_pixart_kv import PixArtKVAttnProcessor2_0, PixArtSigmaKVTransformer2DModel
+from .pipelines.pipeline_lit import LiTPipeline
 from .pipelines.pipeline_microdit import MicroDiTPipeline
 from .pipelines.pipeline_pixart_kv import PixArtSigmaKVPipeline
 from .schedulers.scheduling_edm_heun import EDMHeunScheduler
@@ -26,6 +28,8 @@ _DIFFUSERS_VISIBLE = (
     EDMHeunScheduler,
     PixArtSigmaKVPipeline,
     PixArtSigmaKVTransformer2DModel,
+    LiTPipeline,
+    LiTTransformer2DModel,
 )
 
 
@@ -46,6 +50,9 @@ _register_with_diffusers()
 
 __all__ = [
     "EDMHeunScheduler",
+    "LiTLinearAttnProcessor",
+    "LiTPipeline",
+    "LiTTransformer2DModel",
     "MicroDiTPipeline",
     "MicroDiTTransformer2DModel",
     "MicroDiTTransformerOutput",
