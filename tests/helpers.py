@@ -116,3 +116,42 @@ def tiny_pipeline(transformer: MicroDiTTransformer2DModel | None = None) -> Micr
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# Every pipeline family of the package, for tests that run the same checks on each (LoRA, Hub, Space).
+PIPELINE_FAMILIES = ("microdit", "pixart_kv", "lit")
+
+
+def tiny_family_pipeline(family: str):
+    """A fresh tiny pipeline of one of `PIPELINE_FAMILIES`: same weights on every call, progress bar off."""
+    if family == "microdit":
+        return tiny_pipeline()
+    if family == "pixart_kv":
+        from test_pixart_kv import tiny_pixart_components  # the PixArt builders live with the PixArt tests
+
+        from diffusers_microdit import PixArtSigmaKVPipeline
+
+        pipe = PixArtSigmaKVPipeline(**tiny_pixart_components())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    if family == "lit":
+        from test_pixart_kv import tiny_pixart_components
+
+        from diffusers_microdit import LiTPipeline, LiTTransformer2DModel
+
+        components = tiny_pixart_components()
+        torch.manual_seed(0)
+        components["transformer"] = LiTTransformer2DModel.from_pixart(components["transformer"])
+        pipe = LiTPipeline(**components)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    raise ValueError(f"Unknown pipeline family {family!r}; known: {PIPELINE_FAMILIES}.")
+
+
+def tiny_family_call_kwargs(family: str) -> dict:
+    """JSON-able `__call__` arguments for a fast numpy-image generation with `tiny_family_pipeline(family)`."""
+    if family == "microdit":
+        return dict(prompt="a red circle", num_inference_steps=2, output_type="np")
+    from test_pixart_kv import GENERATE
+
+    return dict(prompt="a photo of a red cat", height=32, width=48, use_resolution_binning=False, **GENERATE)

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import Attention
@@ -323,7 +324,7 @@ def _mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
 
-class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel):
+class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin):
     r"""PixArt-Σ transformer with optional KV token compression in selected self-attention layers.
 
     All [`PixArtTransformer2DModel`] arguments keep their meaning and defaults; a diffusers PixArt-Σ checkpoint

@@ -7,10 +7,11 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import PixArtSigmaPi
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..loaders.lora import TransformerLoraLoaderMixin
 from ..models.transformer_lit import LiTTransformer2DModel
 
 
-class LiTPipeline(PixArtSigmaPipeline):
+class LiTPipeline(PixArtSigmaPipeline, TransformerLoraLoaderMixin):
     r"""[`PixArtSigmaPipeline`] with a [`LiTTransformer2DModel`] transformer.
 
     Prompt encoding (T5), sampling, classifier-free guidance, learned-sigma handling and aspect-ratio resolution

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.models.autoencoders import AutoencoderKL
+from diffusers.models.autoencoders import AutoencoderKL, AutoencoderTiny
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import replace_example_docstring
@@ -15,6 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..conversion.openclip import configure_openclip_tokenizer
+from ..loaders.lora import TransformerLoraLoaderMixin
 from ..models.transformer_microdit import MicroDiTTransformer2DModel
 
 EXAMPLE_DOC_STRING = """
@@ -38,7 +39,7 @@ def vae_scale_factor_of(vae) -> int:
     return 2 ** (len(blocks) - 1)
 
 
-class MicroDiTPipeline(DiffusionPipeline):
+class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
     r"""Text-to-image generation with [`MicroDiTTransformer2DModel`].
 
     Components:
@@ -58,7 +59,7 @@ class MicroDiTPipeline(DiffusionPipeline):
     def __init__(
         self,
         transformer: MicroDiTTransformer2DModel,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | AutoencoderTiny,
         text_encoder: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         scheduler: KarrasDiffusionSchedulers,

@@ -7,10 +7,11 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import PixArtSigmaPi
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..loaders.lora import TransformerLoraLoaderMixin
 from ..models.transformer_pixart_kv import PixArtSigmaKVTransformer2DModel
 
 
-class PixArtSigmaKVPipeline(PixArtSigmaPipeline):
+class PixArtSigmaKVPipeline(PixArtSigmaPipeline, TransformerLoraLoaderMixin):
     r"""[`PixArtSigmaPipeline`] with a [`PixArtSigmaKVTransformer2DModel`] transformer.
 
     Sampling, classifier-free guidance, learned-sigma handling and multi-aspect-ratio resolution binning are

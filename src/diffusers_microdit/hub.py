@@ -1,0 +1,264 @@
+"""Publishing to the Hugging Face Hub: a complete pipeline folder with a model card, and a folder upload.
+
+A published repo loads with `DiffusionPipeline.from_pretrained(repo_id)` once `diffusers_microdit` is imported, with
+no remote code. diffusers 0.42 downloads a Hub repo only if every component library in `model_index.json` is one
+it knows (`diffusers`, `transformers`, ...) or a `<component>/<library>.py` file in the repo; plain
+`save_pretrained` records the package's components under their module path (e.g.
+`diffusers_microdit.models.transformer_microdit`), which that check rejects. [`save_pipeline_with_card`] therefore
+records them under `diffusers`, the namespace where `import diffusers_microdit` registers them; local loading is
+unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import diffusers
+from diffusers import DiffusionPipeline, PixArtSigmaPipeline
+from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
+from diffusers.utils.hub_utils import populate_model_card
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from PIL import Image
+
+from .pipelines.pipeline_microdit import MicroDiTPipeline
+
+PACKAGE = __name__.split(".")[0]
+_PROJECT_URL = "https://github.com/diffusers-microdit/diffusers-microdit"
+# Training outputs hold accelerate checkpoints (optimizer states, several times the model size): never uploaded.
+DEFAULT_IGNORE_PATTERNS = ("checkpoint-*",)
+SAMPLES_DIR = "samples"
+
+# (pipeline base class, Hub licence id, statement) for the weights each family starts from.
+_FAMILY_LICENCES = (
+    (
+        MicroDiTPipeline,
+        "apache-2.0",
+        "The official MicroDiT checkpoints (SonyResearch/micro_diffusion) are released under the Apache-2.0 licence.",
+    ),
+    (
+        PixArtSigmaPipeline,
+        "openrail++",
+        "PixArt-Σ weights are released under the CreativeML Open RAIL++-M licence, whose use-based restrictions "
+        "carry over to weights derived from them.",
+    ),
+)
+
+
+def save_pipeline_with_card(
+    pipeline: DiffusionPipeline,
+    output_dir: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    training_data: str | None = None,
+    cost: dict[str, object] | None = None,
+    sample_images: list[Image.Image] | None = None,
+    sample_prompts: list[str] | None = None,
+    description: str | None = None,
+    tags: list[str] | None = None,
+) -> Path:
+    """Write a complete, Hub-loadable pipeline folder: safetensors weights, configs, samples and `README.md`.
+
+    Args:
+        pipeline: any pipeline of this package (or another diffusers pipeline whose classes diffusers can resolve).
+        output_dir: the folder to write (created; existing files with the same names are overwritten).
+        repo_id: the Hub repo the folder is meant for, used in the card's usage snippet.
+        base_model: Hub id of the checkpoint this one was finetuned from (card metadata `base_model`).
+        license: Hub licence id of these weights. Default: the licence of the family's weights (`apache-2.0` for
+            MicroDiT, `openrail++` for PixArt-Σ derivatives); required for other pipelines.
+        training_data: a sentence or two on the data (name, size, licence).
+        cost: training cost figures shown as a table, e.g. `{"GPU": "8x H100", "GPU hours": 21.5, "USD": 54}`.
+        sample_images: saved as `samples/sample_<i>.png` and shown in the card.
+        sample_prompts: one prompt per sample image: captions, and the Hub widget's gallery.
+        description: the card's opening paragraph.
+        tags: extra Hub tags.
+
+    Returns:
+        `output_dir` as a `Path`.
+    """
+    output_dir = Path(output_dir)
+    sample_images = sample_images or []
+    if sample_prompts is not None and len(sample_prompts) != len(sample_images):
+        raise ValueError(f"Got {len(sample_prompts)} sample prompts for {len(sample_images)} sample images.")
+    family_license, licence_statement = _family_licence(pipeline)
+    license = license or family_license
+    if license is None:
+        raise ValueError(
+            f"No default licence is known for {type(pipeline).__name__}; pass `license=` (a Hub licence id such as "
+            "'apache-2.0')."
+        )
+
+    pipeline.save_pretrained(output_dir, safe_serialization=True)
+    _record_package_components_under_diffusers(output_dir / "model_index.json")
+    sample_files = _save_samples(sample_images, output_dir)
+
+    widget = [{"text": prompt, "output": {"url": file}} for prompt, file in zip(sample_prompts or [], sample_files)]
+    card_data = ModelCardData(
+        license=license, base_model=base_model, pipeline_tag="text-to-image", widget=widget or None
+    )
+    body = _card_body(
+        pipeline,
+        title=repo_id.split("/")[-1] if repo_id else type(pipeline).__name__,
+        description=description,
+        repo_id=repo_id,
+        license=license,
+        licence_statement=licence_statement,
+        base_model=base_model,
+        training_data=training_data,
+        cost=cost,
+        sample_files=sample_files,
+        sample_prompts=sample_prompts,
+    )
+    # diffusers' `load_or_create_model_card` needs a Hub repo id (a local folder without README raises) and its
+    # training template is a TODO skeleton, so the card is built here; `populate_model_card` adds diffusers' metadata.
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+    card = populate_model_card(card, tags=["text-to-image", "diffusers", PACKAGE.replace("_", "-"), *(tags or [])])
+    card.save(output_dir / "README.md")
+    return output_dir
+
+
+def push_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload with diffusers-microdit",
+    ignore_patterns: list[str] | tuple[str, ...] = DEFAULT_IGNORE_PATTERNS,
+) -> str:
+    """Create `repo_id` if needed and upload `folder` to it in one commit; return the repo id.
+
+    `folder` is a pipeline folder written by [`save_pipeline_with_card`], a LoRA folder, or any other folder. A
+    pipeline folder that `DiffusionPipeline.from_pretrained(repo_id)` could not download is refused before anything
+    is uploaded. The endpoint and offline mode follow `HF_ENDPOINT` / `HF_HUB_OFFLINE`; `token` defaults to the
+    logged-in token.
+    """
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise FileNotFoundError(f"Nothing to upload: {folder} is not a non-empty folder.")
+    if (folder / "model_index.json").is_file():
+        _check_hub_loadable(folder / "model_index.json")
+    repo_url = create_repo(repo_id, token=token, private=private, exist_ok=True)
+    upload_folder(
+        repo_id=repo_url.repo_id,
+        folder_path=folder,
+        commit_message=commit_message,
+        token=token,
+        ignore_patterns=list(ignore_patterns),
+    )
+    return repo_url.repo_id
+
+
+def _family_licence(pipeline: DiffusionPipeline) -> tuple[str | None, str]:
+    """(Hub licence id, statement) of the weights the pipeline's family starts from; `(None, "")` if unknown."""
+    for family, license, statement in _FAMILY_LICENCES:
+        if isinstance(pipeline, family):
+            return license, statement
+    return None, ""
+
+
+def _record_package_components_under_diffusers(model_index: Path) -> None:
+    """Rewrite `model_index.json` so the package's components are looked up in the `diffusers` namespace."""
+    index = json.loads(model_index.read_text())
+    for name, entry in index.items():
+        if not (isinstance(entry, list) and entry[0] and entry[0].split(".")[0] == PACKAGE):
+            continue
+        library, class_name = entry
+        registered = getattr(diffusers, class_name, None)
+        if registered is None or registered.__module__ != library:
+            raise ValueError(
+                f"{class_name} ({library}) is not registered with diffusers, so a Hub repo could not load it: add it "
+                f"to `_DIFFUSERS_VISIBLE` in {PACKAGE}/__init__.py."
+            )
+        index[name] = ["diffusers", class_name]
+    model_index.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _check_hub_loadable(model_index: Path) -> None:
+    """Refuse a pipeline folder whose components diffusers' Hub download would reject (see the module docstring)."""
+    index = json.loads(model_index.read_text())
+    rejected = [
+        f"{name}: {entry[0]}"
+        for name, entry in index.items()
+        if isinstance(entry, list)
+        and entry[0]
+        and entry[0] not in LOADABLE_CLASSES
+        and not hasattr(diffusers.pipelines, entry[0])
+        and not (model_index.parent / name / f"{entry[0]}.py").is_file()
+    ]
+    if rejected:
+        raise ValueError(
+            f"`DiffusionPipeline.from_pretrained` could not download this folder from the Hub: the component "
+            f"libraries {rejected} in {model_index} are unknown to diffusers. Write the folder with "
+            "`diffusers_microdit.hub.save_pipeline_with_card` (or `scripts/push_to_hub.py --card`) instead."
+        )
+
+
+def _save_samples(images: list[Image.Image], output_dir: Path) -> list[str]:
+    """Save the images as PNGs under `output_dir/samples/`; return their paths relative to `output_dir`."""
+    files = [f"{SAMPLES_DIR}/sample_{i}.png" for i in range(len(images))]
+    if images:
+        (output_dir / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+    for image, file in zip(images, files):
+        image.save(output_dir / file)
+    return files
+
+
+def _card_body(
+    pipeline,
+    *,
+    title,
+    description,
+    repo_id,
+    license,
+    licence_statement,
+    base_model,
+    training_data,
+    cost,
+    sample_files,
+    sample_prompts,
+) -> str:
+    """Markdown of the model card below its metadata."""
+    pipeline_name = type(pipeline).__name__
+    components = "\n".join(
+        f"| `{name}` | `{type(component).__name__}` |"
+        for name, component in pipeline.components.items()
+        if component is not None
+    )
+    sections = [
+        f"# {title}",
+        description or f"A text-to-image `{pipeline_name}` from [diffusers-microdit]({_PROJECT_URL}).",
+        "## Usage\n\n"
+        "```bash\npip install diffusers-microdit\n```\n\n"
+        "```python\n"
+        "import diffusers_microdit  # registers the package's classes with diffusers; import it before loading\n"
+        "from diffusers import DiffusionPipeline\n\n"
+        f'pipe = DiffusionPipeline.from_pretrained("{repo_id or "path/to/this/folder"}")\n'
+        'image = pipe("Image of an astronaut riding a horse in Origami style").images[0]\n'
+        "```",
+        f"## Components\n\n| component | class |\n| --- | --- |\n{components}",
+        "## Licence\n\n"
+        + " ".join(
+            part
+            for part in (
+                f"These weights: `{license}`.",
+                licence_statement,
+                f"Base model: [{base_model}](https://huggingface.co/{base_model})." if base_model else "",
+                "The text encoder and VAE keep the licences of the checkpoints they come from; see their model cards.",
+            )
+            if part
+        ),
+        f"## Training data\n\n{training_data or 'Not stated.'}",
+    ]
+    if cost:
+        rows = "\n".join(f"| {item} | {value} |" for item, value in cost.items())
+        sections.append(f"## Training cost\n\n| item | value |\n| --- | --- |\n{rows}")
+    if sample_files:
+        captions = sample_prompts or [f"sample {i}" for i in range(len(sample_files))]
+        images = "\n".join(f"![{caption}]({file})" for caption, file in zip(captions, sample_files))
+        sections.append(f"## Samples\n\n{images}")
+    return "\n\n".join(sections) + "\n"
+
