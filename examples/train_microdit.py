@@ -18,16 +18,15 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from diffusers import DiffusionPipeline
 
 import diffusers_microdit  # noqa: F401  (registers the package's classes with diffusers)
-from diffusers_microdit import MicroDiTPipeline, MicroDiTTransformer2DModel, get_random_keep_ids
+from diffusers_microdit import MicroDiTPipeline, MicroDiTTransformer2DModel
 from diffusers_microdit.models.transformer_microdit import MICRODIT_PRESETS
 from diffusers_microdit.pipelines.pipeline_microdit import vae_scale_factor_of
 from diffusers_microdit.training.args import add_training_args, check_training_args, resolve_pipeline_path
 from diffusers_microdit.training.data import cached_resolutions, load_precomputed
-from diffusers_microdit.training.losses import edm_loss, sample_edm_sigmas
+from diffusers_microdit.training.losses import microdit_objective
 from diffusers_microdit.training.trainer import DiffusionTrainer
 
 
@@ -113,33 +112,16 @@ def main(argv=None) -> None:
     args.resolution = args.resolution or transformer.config.sample_size * vae_scale_factor_of(pipeline.vae)
     scheduler = pipeline.scheduler
     num_tokens = (transformer.config.sample_size // transformer.config.patch_size) ** 2
-    masking = args.masking if args.mask_ratio > 0 else "none"
-    trainer.accelerator.print(
-        f"MicroDiT at {args.resolution} px ({num_tokens} patches), masking: {masking}"
-        + (f" {args.mask_ratio:.0%}" if masking != "none" else "")
-    )
+    masking = f"{args.masking} {args.mask_ratio:.0%}" if args.mask_ratio > 0 else "none"
+    trainer.accelerator.print(f"MicroDiT at {args.resolution} px ({num_tokens} patches), masking: {masking}")
 
     dataset = load_precomputed(
         args.precomputed_dataset, args.resolution, args.precomputed_dataset_probabilities, args.streaming, args.seed
     )
 
-    def compute_loss(model, batch, draws) -> torch.Tensor:
-        latents = batch["latents"].to(draws.device, torch.float32)  # the original casts to float32 for the loss
-        captions = batch["prompt_embeds"].to(draws.device, torch.float32)
-        n = draws.global_batch
-        sigmas = draws.local(sample_edm_sigmas(n, args.p_mean, args.p_std, generator=draws.generator))
-        noise = draws.local(torch.randn(n, *latents.shape[1:], generator=draws.generator))
-        keep_ids = None
-        if masking != "none":
-            keep_ids = draws.local(get_random_keep_ids(n, num_tokens, args.mask_ratio, generator=draws.generator))
-        # Caption dropout: all-zero embeddings, MicroDiT's null caption for classifier-free guidance.
-        keep_caption = draws.local(torch.rand(n, generator=draws.generator) >= args.caption_dropout)
-        captions = captions * keep_caption.view(-1, 1, 1)
-        loss, _ = edm_loss(
-            model, scheduler, latents, captions, sigmas, noise, keep_ids=keep_ids,
-            masking="naive" if masking == "naive" else "deferred",
-        )
-        return loss
+    compute_loss = microdit_objective(
+        scheduler, num_tokens, args.mask_ratio, args.masking, args.p_mean, args.p_std, args.caption_dropout
+    )
 
     def build_pipeline(model) -> MicroDiTPipeline:
         return MicroDiTPipeline(

@@ -102,6 +102,24 @@ class CostMeter:
         hours = num_images / self.images_per_second / 3600 * self.num_devices
         return hours, hours * self.gpu_hour_cost
 
+    def as_dict(self, planned_images: int) -> dict[str, object]:
+        """The figures of `summary` as a table for the model card."""
+        hours, dollars = self.cost_of(planned_images)
+        figures = {
+            "parameters (total)": f"{self.total_params / 1e6:.2f}M",
+            "parameters (active per token)": f"{self.active_params / 1e6:.2f}M",
+            "training GFLOP per image (fwd+bwd)": round(self.flops_per_image / 1e9, 3),
+            "training images": planned_images,
+            "devices": self.num_devices,
+            "images/s (measured)": round(self.images_per_second, 2),
+            "device-hours": round(hours, 4),
+        }
+        if self.mfu is not None:
+            figures["MFU"] = f"{self.mfu:.1%}"
+        if self.gpu_hour_cost:
+            figures["USD (estimated)"] = round(dollars, 2)
+        return figures
+
     def summary(self, planned_images: int) -> str:
         lines = [
             f"parameters: {self.total_params / 1e6:.2f}M total, {self.active_params / 1e6:.2f}M active per token",

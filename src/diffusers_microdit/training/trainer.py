@@ -123,8 +123,19 @@ class DiffusionTrainer:
 
     # ---------------------------------------------------------------- set-up
 
-    def prepare(self, model: torch.nn.Module, dataset, compute_loss: Callable, collate_fn: Callable | None = None):
-        """Optimizer, LR schedule, EMA, dataloader and checkpoint hooks around `model`; resumes if asked."""
+    def prepare(
+        self,
+        model: torch.nn.Module,
+        dataset,
+        compute_loss: Callable,
+        collate_fn: Callable | None = None,
+        batch_sampler: torch.utils.data.Sampler | None = None,
+    ):
+        """Optimizer, LR schedule, EMA, dataloader and checkpoint hooks around `model`; resumes if asked.
+
+        `batch_sampler` (e.g. aspect-ratio buckets) replaces the shuffled batches of `--train_batch_size` rows; it
+        must yield batches of that size in an order set by (seed, epoch) alone (`set_epoch`), so resuming stays exact.
+        """
         args, accelerator = self.args, self.accelerator
         self.compute_loss = compute_loss
         collate_fn = collate_fn or torch.utils.data.default_collate
@@ -153,13 +164,12 @@ class DiffusionTrainer:
         iterable = not hasattr(dataset, "__len__")
         if iterable:
             dataset = dataset.shuffle(seed=args.seed, buffer_size=10_000)
+        if batch_sampler is not None:
+            batching = {"batch_sampler": batch_sampler}
+        else:
+            batching = {"batch_size": args.train_batch_size, "shuffle": not iterable, "drop_last": True}
         dataloader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=args.train_batch_size,
-            shuffle=not iterable,
-            drop_last=True,
-            collate_fn=collate_fn,
-            num_workers=args.dataloader_num_workers,
+            dataset, collate_fn=collate_fn, num_workers=args.dataloader_num_workers, **batching
         )
         if iterable and args.max_train_steps is None:
             raise SystemExit("Streaming data has no length: pass --max_train_steps.")
@@ -374,9 +384,12 @@ class DiffusionTrainer:
         log_images(self.accelerator, "validation", images, args.validation_prompts, self.global_step)
         return images
 
-    def finish(self, build_pipeline: Callable, model_card: dict | None = None):
-        """Save the final pipeline (EMA weights if kept) to `output_dir/pipeline`, the loss curve and history,
-        the cost summary, optionally push to the Hub; returns the pipeline on the main process."""
+    def finish(self, build_pipeline: Callable, description: str | None = None):
+        """Save the final pipeline (EMA weights if kept) with a model card to `output_dir/pipeline`, the loss curve
+        and history and the cost summary; push it to the Hub with `--push_to_hub`. Returns the pipeline on the main
+        process."""
+        from ..hub import push_folder_to_hub, save_pipeline_with_card
+
         args, accelerator = self.args, self.accelerator
         accelerator.wait_for_everyone()
         pipeline = None
@@ -388,16 +401,31 @@ class DiffusionTrainer:
                 model.load_state_dict(state_dict)
             if self.ema is not None:
                 self.ema.copy_to(model.parameters())
+                self.ema = None  # the model now holds the EMA weights; validation must not swap them again
+            samples = self.validate(build_pipeline, "final")
+            planned = args.max_train_steps * args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
             pipeline = build_pipeline(model)
-            pipeline.save_pretrained(self.output_dir / "pipeline")
+            repo_id = args.hub_model_id or self.output_dir.name
+            folder = save_pipeline_with_card(
+                pipeline,
+                self.output_dir / "pipeline",
+                repo_id=repo_id if args.push_to_hub else None,
+                # Card metadata takes Hub ids only; a local starting point is not one.
+                base_model=None if Path(str(args.pretrained_model_name_or_path)).exists() else args.pretrained_model_name_or_path,
+                training_data="precomputed caches: " + ", ".join(map(str, args.precomputed_dataset)),
+                cost=self.cost.as_dict(planned),
+                sample_images=samples,
+                sample_prompts=args.validation_prompts if samples else None,
+                description=description,
+            )
             self.loss_history.save(self.output_dir)
             if self.loss_history.steps:
                 self.loss_history.plot(self.output_dir / "loss.png")
-            planned = args.max_train_steps * args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
             summary = self.cost.summary(planned)
             (self.output_dir / "cost.txt").write_text(summary + "\n")
             accelerator.print(summary)
-            self.validate(build_pipeline, "final")
-            accelerator.print(f"Saved the trained pipeline to {self.output_dir / 'pipeline'}")
+            accelerator.print(f"Saved the trained pipeline to {folder}")
+            if args.push_to_hub:
+                accelerator.print(f"Pushed to the Hub: {push_folder_to_hub(folder, repo_id, commit_message='End of training')}")
         accelerator.end_training()
         return pipeline
