@@ -4,10 +4,16 @@
     python examples/precompute_embeddings.py --pretrained_model_name_or_path PIPELINE \\
         --dataset_name user/data --caption_column text --resolutions 256 512 --output_dir cache/
 
-PIPELINE is any pipeline folder of this package (MicroDiT, PixArt-Sigma KV, LiT): its VAE and text encoder are
-used exactly as at sampling time; its transformer is not loaded. The cache is a folder of parquet shards (one
-`datasets` dataset) plus precompute.json with counts. Rerunning the same command after an interruption continues
-where it stopped. Rows with unreadable images or no caption are skipped and counted.
+PIPELINE is any pipeline folder of this package (MicroDiT, PixArt-Sigma KV, LiT): its VAE (or the one given with
+--vae) and text encoder are used exactly as at sampling time; its transformer is not loaded. For PixArt-Sigma's
+multi-aspect training, --aspect_ratio_buckets 512 encodes each image at its closest 512-px aspect-ratio bucket:
+
+    python examples/precompute_embeddings.py --pretrained_model_name_or_path PIPELINE \\
+        --dataset_name user/data --aspect_ratio_buckets 512 --output_dir cache/
+
+The cache is a folder of parquet shards (one `datasets` dataset) plus precompute.json with counts. Rerunning the
+same command after an interruption continues where it stopped. Rows with unreadable images or no caption are
+skipped and counted.
 """
 
 import argparse
@@ -15,11 +21,11 @@ import json
 import os
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline
 
 import diffusers_microdit  # noqa: F401  (registers the package's classes with diffusers)
 from diffusers_microdit.training.args import resolve_pipeline_path
-from diffusers_microdit.training.data import load_image_caption_source, precompute_embeddings
+from diffusers_microdit.training.data import ASPECT_RATIO_BINS, load_image_caption_source, precompute_embeddings
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,13 +40,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--caption_column", default="text")
     parser.add_argument("--streaming", action="store_true", help="Stream the source (large Hub datasets).")
     parser.add_argument("--max_samples", type=int, default=None)
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[256], help="Image sizes to encode, in px.")
+    parser.add_argument(
+        "--resolutions", type=int, nargs="+", default=None,
+        help="Square image sizes to encode, in px (default: 256, or none when --aspect_ratio_buckets is given).",
+    )
+    parser.add_argument(
+        "--aspect_ratio_buckets", type=int, nargs="+", default=[], choices=sorted(ASPECT_RATIO_BINS),
+        help="Base sizes of diffusers' PixArt aspect-ratio buckets: each image is resized and centre-cropped to its "
+        "closest bucket of that size (train with --aspect_ratio_buckets in train_pixart_kv.py).",
+    )
+    parser.add_argument(
+        "--vae", default=None,
+        help="Encode with this diffusers AutoencoderKL (folder or Hub id) instead of the pipeline's: the VAE swap of "
+        "PixArt-Sigma's weak-to-strong training; train with the same --vae.",
+    )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--shard_size", type=int, default=1000, help="Rows per parquet shard (unit of resuming).")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="Seeds the VAE posterior samples.")
     parser.add_argument("--cache_dir", default=None, help="Where `datasets` caches downloads.")
     args = parser.parse_args(argv)
+    if args.resolutions is None:
+        args.resolutions = [] if args.aspect_ratio_buckets else [256]
     errors = []
     if (args.dataset_name is None) == (args.train_data_dir is None):
         errors.append("Give exactly one of --dataset_name and --train_data_dir.")
@@ -58,8 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    swapped_vae = {} if args.vae is None else {"vae": AutoencoderKL.from_pretrained(args.vae)}
     pipeline = DiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, transformer=None
+        args.pretrained_model_name_or_path, revision=args.revision, transformer=None, **swapped_vae
     ).to(device)
     factor = pipeline.vae_scale_factor
     if any(r % factor for r in args.resolutions):
@@ -70,7 +92,7 @@ def main(argv=None) -> dict:
     )
     info = precompute_embeddings(
         pipeline, source, args.output_dir, args.resolutions, args.image_column, args.caption_column,
-        args.shard_size, args.batch_size, args.max_samples, args.seed,
+        args.shard_size, args.batch_size, args.max_samples, args.seed, args.aspect_ratio_buckets,
     )
     print(json.dumps(info, indent=2))
     print(f"Cache in {os.path.abspath(args.output_dir)}: train with --precomputed_dataset {args.output_dir}")

@@ -548,3 +548,13 @@ def test_diffusion_pipeline_resolves_kv_pipeline(saved_kv_pipeline):
     pipe = DiffusionPipeline.from_pretrained(saved_kv_pipeline)
     assert type(pipe) is PixArtSigmaKVPipeline
     assert isinstance(pipe.transformer, PixArtSigmaKVTransformer2DModel)
+
+
+def test_enabled_compression_survives_from_config_after_loading_a_plain_folder(tmp_path):
+    """EMAModel and pipelines rebuild models with `from_config(model.config)`: the KV settings enabled on a model
+    loaded from a plain PixArt-Σ folder must not be treated as unset defaults there."""
+    plain = tiny_pixart_components()["transformer"]
+    plain_config = {key: value for key, value in plain.config.items() if not key.startswith("kv_")}
+    PixArtTransformer2DModel.from_config(plain_config).save_pretrained(tmp_path)
+    model = PixArtSigmaKVTransformer2DModel.from_pretrained(tmp_path).enable_kv_compression([1])
+    assert PixArtSigmaKVTransformer2DModel.from_config(model.config).config.kv_compress_layers == [1]

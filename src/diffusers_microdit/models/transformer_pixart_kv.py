@@ -482,12 +482,21 @@ class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin
         self.register_to_config(
             kv_compress_layers=normalized or None, kv_compress_ratio=ratio, kv_compress_sampling=sampling
         )
+        self._forget_config_defaults("kv_compress_layers", "kv_compress_ratio", "kv_compress_sampling")
         return self
+
+    def _forget_config_defaults(self, *names: str) -> None:
+        """A model loaded from a plain PixArt-Σ folder lists the KV settings in `_use_default_values`, and
+        `from_config(model.config)` (EMAModel, pipelines) would then rebuild it without compression."""
+        defaults = self.config.get("_use_default_values")
+        if defaults:
+            self.register_to_config(_use_default_values=[name for name in defaults if name not in names])
 
     def disable_kv_compression(self) -> "PixArtSigmaKVTransformer2DModel":
         """Remove every compression module (and its weights); the model becomes a plain PixArt-Σ."""
         self._set_kv_compression([], self.config.kv_compress_ratio, self.config.kv_compress_sampling)
         self.register_to_config(kv_compress_layers=None)
+        self._forget_config_defaults("kv_compress_layers")
         return self
 
     def _initialize_missing_kv_weights(self, missing_keys: Iterable[str]) -> list[str]:

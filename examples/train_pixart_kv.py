@@ -1,0 +1,287 @@
+#!/usr/bin/env python
+"""Finetune PixArt-Sigma with Accelerate, weak to strong: KV compression, a new resolution, a new VAE.
+
+Each weak-to-strong step of the paper is a short finetune that starts from the previous model (--init_from takes
+a PixArt-Sigma pipeline folder or Hub id, or a previous run's --output_dir):
+
+    # KV compression on the deeper half of the blocks (the released setting: 14..27 of 28, ratio 2, conv)
+    accelerate launch examples/train_pixart_kv.py --init_from PixArt-alpha/PixArt-Sigma-XL-2-1024-MS \\
+        --precomputed_dataset cache1024/ --aspect_ratio_buckets 1024 --kv_compress_layers deeper_half \\
+        --lr_warmup_steps 500 --mixed_precision bf16 --gradient_checkpointing --output_dir sigma-kv
+    # a higher resolution: sample size and position interpolation follow (interpolation_scale = resolution / 512)
+    accelerate launch examples/train_pixart_kv.py --init_from sigma-512 --precomputed_dataset cache1024/ \\
+        --aspect_ratio_buckets 1024 --output_dir sigma-1024
+    # a new VAE: the cache must be encoded with it too (precompute_embeddings.py --vae the same VAE)
+    accelerate launch examples/train_pixart_kv.py --init_from sigma-256 --vae madebyollin/sdxl-vae-fp16-fix \\
+        --precomputed_dataset cache-sdxl-vae/ --output_dir sigma-256-sdxl-vae
+
+Objective: PixArt-Sigma's IDDPM loss, epsilon MSE plus the learned-range variational bound (1000 linear betas
+1e-4 -> 0.02, from the pipeline scheduler's config), with caption dropout to the pipeline's unconditional caption.
+Defaults follow the Sigma configs: learning rate 2e-5, weight decay 0, constant schedule after warmup (1000 steps;
+the KV config uses 500), gradient clipping at 0.01, classifier-free guidance 4.5 for validation. The optimizer is
+AdamW: PixArt-Sigma trains with CAME, which is not in the Hugging Face stack. Sigma also scales 2e-5 by
+sqrt(global batch / 256); pass the scaled value with --learning_rate. Data: caches of VAE latents and T5 embeddings
+written by examples/precompute_embeddings.py, square (--resolution) or multi-aspect (--aspect_ratio_buckets).
+"""
+
+import argparse
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, PixArtSigmaPipeline
+from diffusers.models.embeddings import PatchEmbed
+
+import diffusers_microdit  # noqa: F401  (registers the package's classes with diffusers)
+from diffusers_microdit import PixArtSigmaKVPipeline, PixArtSigmaKVTransformer2DModel
+from diffusers_microdit.models.transformer_pixart_kv import KV_COMPRESS_SAMPLINGS, normalize_kv_compress_layers
+from diffusers_microdit.training.args import add_training_args, check_training_args, resolve_pipeline_path
+from diffusers_microdit.training.data import (
+    ASPECT_RATIO_BINS,
+    AspectRatioBucketBatchSampler,
+    collate_bucketed,
+    latent_shape_buckets,
+    load_precomputed,
+    load_precomputed_buckets,
+)
+from diffusers_microdit.training.losses import pixart_sigma_loss
+from diffusers_microdit.training.trainer import DiffusionTrainer
+
+DEEPER_HALF = "deeper_half"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(parser, learning_rate=2e-5, weight_decay=0.0)  # PixArt-Sigma's (CAME) values, used with AdamW
+    pixart = parser.add_argument_group("PixArt-Sigma")
+    pixart.add_argument(
+        "--kv_compress_layers", nargs="+", default=None,
+        help=f'Blocks whose self-attention compresses keys and values: indices (e.g. 14 15 ... 27) or "{DEEPER_HALF}" '
+        "(the released setting). New compression modules start from the paper's average init. Without this flag the "
+        "model keeps the compression it was loaded with.",
+    )
+    pixart.add_argument("--kv_compress_ratio", type=int, default=2, help="Token-grid downsampling per axis.")
+    pixart.add_argument("--kv_compress_sampling", default="conv", choices=KV_COMPRESS_SAMPLINGS)
+    pixart.add_argument(
+        "--aspect_ratio_buckets", type=int, default=None,
+        help=f"Train on multi-aspect latents of this base size ({', '.join(map(str, ASPECT_RATIO_BINS))}), cached "
+        "with precompute_embeddings.py --aspect_ratio_buckets; it is also the training resolution.",
+    )
+    pixart.add_argument(
+        "--vae", default=None,
+        help="Swap in this diffusers AutoencoderKL (folder or Hub id), e.g. the SDXL VAE of Sigma's weak-to-strong "
+        "step. The cached latents must come from the same VAE: precompute them with precompute_embeddings.py --vae.",
+    )
+    pixart.add_argument(
+        "--caption_dropout", type=float, default=0.1,
+        help="Share of captions replaced by the pipeline's unconditional caption (T5 embedding of the empty prompt), "
+        "for classifier-free guidance.",
+    )
+    parser.set_defaults(
+        lr_scheduler="constant_with_warmup", lr_warmup_steps=1000, max_grad_norm=0.01, validation_guidance_scale=4.5
+    )
+    args = parser.parse_args(argv)
+
+    check_training_args(args)
+    errors = []
+    if args.pretrained_model_name_or_path is None:
+        errors.append("--init_from (or --pretrained_model_name_or_path) is required: a PixArt-Sigma pipeline.")
+    if args.kv_compress_layers is not None:
+        layers = args.kv_compress_layers
+        if layers == [DEEPER_HALF]:
+            args.kv_compress_layers = DEEPER_HALF
+        elif all(value.isdigit() for value in layers):
+            args.kv_compress_layers = [int(value) for value in layers]
+        else:
+            errors.append(f'--kv_compress_layers takes block indices or "{DEEPER_HALF}", got {" ".join(layers)}.')
+        if args.kv_compress_ratio < 2:
+            errors.append(f"--kv_compress_ratio must be >= 2 to compress anything, got {args.kv_compress_ratio}.")
+    if not 0.0 <= args.caption_dropout < 1.0:
+        errors.append(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
+    buckets = args.aspect_ratio_buckets
+    if buckets is not None:
+        if buckets not in ASPECT_RATIO_BINS:
+            errors.append(f"--aspect_ratio_buckets must be one of {sorted(ASPECT_RATIO_BINS)}, got {buckets}.")
+        if args.resolution not in (None, buckets):
+            errors.append(f"--resolution {args.resolution} contradicts --aspect_ratio_buckets {buckets}; drop one.")
+        if args.streaming:
+            errors.append("--aspect_ratio_buckets cannot stream: batching by bucket needs every row's shape up front.")
+        args.resolution = buckets
+    if errors:
+        raise SystemExit("Invalid arguments:\n  " + "\n  ".join(errors))
+    args.pretrained_model_name_or_path = resolve_pipeline_path(args.pretrained_model_name_or_path)
+    return args
+
+
+def load_pipeline(args) -> PixArtSigmaKVPipeline:
+    """The --init_from pipeline as a `PixArtSigmaKVPipeline` (a plain PixArt-Sigma transformer loads into the KV
+    class unchanged), with the --vae swapped in and the VAE and text encoder frozen."""
+    path, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
+    swapped_vae = {} if args.vae is None else {"vae": AutoencoderKL.from_pretrained(args.vae)}
+    base = DiffusionPipeline.from_pretrained(path, revision=revision, variant=variant, transformer=None, **swapped_vae)
+    if type(base) not in (PixArtSigmaPipeline, PixArtSigmaKVPipeline):
+        raise SystemExit(f"--init_from must be a PixArt-Sigma pipeline, got a {type(base).__name__}.")
+    transformer = PixArtSigmaKVTransformer2DModel.from_pretrained(
+        path, subfolder="transformer", revision=revision, variant=variant, **kv_compression_config(args)
+    )
+    if base.vae.config.latent_channels != transformer.config.in_channels:
+        raise SystemExit(
+            f"The VAE makes {base.vae.config.latent_channels}-channel latents but the transformer takes "
+            f"{transformer.config.in_channels}: --vae must be a VAE with the same latent channels."
+        )
+    for frozen in (base.vae, base.text_encoder):
+        frozen.requires_grad_(False).eval()
+    components = {name: getattr(base, name) for name in ("tokenizer", "text_encoder", "vae", "scheduler")}
+    return PixArtSigmaKVPipeline(transformer=transformer, **components)
+
+
+def kv_compression_config(args) -> dict:
+    """Transformer config overrides for --kv_compress_*, given to `from_pretrained`: compressed blocks the checkpoint
+    already has keep their weights, new ones get the paper's average init, unlisted ones lose their compression.
+    Empty without the flag (the checkpoint's own setting is kept)."""
+    if args.kv_compress_layers is None:
+        return {}
+    num_layers = PixArtSigmaKVTransformer2DModel.load_config(
+        args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision
+    )["num_layers"]
+    layers = range(num_layers // 2, num_layers) if args.kv_compress_layers == DEEPER_HALF else args.kv_compress_layers
+    try:
+        layers = normalize_kv_compress_layers(layers, num_layers)
+    except ValueError as error:
+        raise SystemExit(f"--kv_compress_layers: {error}") from None
+    return {
+        "kv_compress_layers": layers, "kv_compress_ratio": args.kv_compress_ratio,
+        "kv_compress_sampling": args.kv_compress_sampling,
+    }
+
+
+def move_to_resolution(transformer: PixArtSigmaKVTransformer2DModel, resolution: int, vae_scale_factor: int) -> None:
+    """Set the transformer's native size to `resolution` px, as PixArt-Sigma's 256 -> 512 -> 1K -> 2K steps do: the
+    latent `sample_size` follows, and `interpolation_scale = resolution / 512` keeps the sin-cos positions in the
+    512-px model's coordinate range. The patch projection's weights are kept; the positions are rebuilt."""
+    config = transformer.config
+    sample_size, scale = resolution // vae_scale_factor, resolution / 512
+    transformer.register_to_config(sample_size=sample_size, interpolation_scale=scale)
+    old = transformer.pos_embed
+    new = PatchEmbed(
+        height=sample_size, width=sample_size, patch_size=config.patch_size, in_channels=config.in_channels,
+        embed_dim=transformer.inner_dim, interpolation_scale=scale,
+    )
+    new.proj.load_state_dict(old.proj.state_dict())
+    transformer.pos_embed = new.to(old.proj.weight.device)
+    transformer.height = transformer.width = sample_size
+
+
+@torch.no_grad()
+def null_caption(pipeline: PixArtSigmaKVPipeline, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings (L, D), attention mask (L,)) of the unconditional caption `PixArtSigmaPipeline` feeds for
+    classifier-free guidance: the T5 encoding of its default negative prompt "" padded to `length` tokens."""
+    _, _, embeds, mask = pipeline.encode_prompt(
+        "", do_classifier_free_guidance=True, negative_prompt="", max_sequence_length=length, device="cpu"
+    )
+    return embeds[0].float(), mask[0].long()
+
+
+def make_compute_loss(noise_scheduler: DDPMScheduler, null_embeds, null_mask, caption_dropout: float):
+    """`compute_loss(model, batch, draws)` of the trainer: timesteps, noise and caption dropout are drawn for the
+    global batch from `draws`, then PixArt-Sigma's loss (epsilon MSE + variational bound)."""
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+
+    def compute_loss(model, batch, draws) -> torch.Tensor:
+        latents = batch["latents"].to(draws.device, torch.float32)
+        embeds = batch["prompt_embeds"].to(draws.device, torch.float32)
+        mask = batch["prompt_attention_mask"].to(draws.device, torch.long)
+        n = draws.global_batch
+        timesteps = draws.local(torch.randint(0, num_timesteps, (n,), generator=draws.generator))
+        noise = draws.local(torch.randn(n, *latents.shape[1:], generator=draws.generator))
+        drop = draws.local(torch.rand(n, generator=draws.generator) < caption_dropout)
+        embeds = torch.where(drop.view(-1, 1, 1), null_embeds.to(draws.device), embeds)
+        mask = torch.where(drop.view(-1, 1), null_mask.to(draws.device), mask)
+        loss, _ = pixart_sigma_loss(model, noise_scheduler, latents, embeds, mask, timesteps, noise)
+        return loss
+
+    return compute_loss
+
+
+def load_training_data(args):
+    """(dataset, collate_fn, batch_sampler): square latents of --resolution, or bucketed ones batched by bucket."""
+    if args.aspect_ratio_buckets is None:
+        dataset = load_precomputed(
+            args.precomputed_dataset, args.resolution, args.precomputed_dataset_probabilities, args.streaming, args.seed
+        )
+        return dataset, None, None
+    dataset = load_precomputed_buckets(
+        args.precomputed_dataset, args.aspect_ratio_buckets, args.precomputed_dataset_probabilities, args.seed
+    )
+    sampler = AspectRatioBucketBatchSampler(latent_shape_buckets(dataset), args.train_batch_size, args.seed)
+    if len(sampler) == 0:
+        sizes = {"x".join(map(str, shape[1:])): rows for shape, rows in sampler.bucket_sizes().items()}
+        raise SystemExit(
+            f"No aspect-ratio bucket holds a full batch of {args.train_batch_size} rows (rows per latent size: "
+            f"{sizes}); lower --train_batch_size or add data."
+        )
+    return dataset, collate_bucketed, sampler
+
+
+def check_cache_fits(first_row: dict, transformer: PixArtSigmaKVTransformer2DModel) -> None:
+    """Refuse caches encoded by another VAE or text encoder before any step runs."""
+    channels = int(first_row["latents_shape"][0]) if "latents_shape" in first_row else first_row["latents"].shape[0]
+    if "prompt_attention_mask" not in first_row:
+        raise SystemExit("The cache has no T5 attention masks: precompute it from a PixArt-Sigma pipeline.")
+    if channels != transformer.config.in_channels:
+        raise SystemExit(
+            f"The cached latents have {channels} channels, the transformer takes {transformer.config.in_channels}: "
+            "precompute the cache with the VAE you train with (precompute_embeddings.py --vae)."
+        )
+    if first_row["prompt_embeds"].shape[-1] != transformer.config.caption_channels:
+        raise SystemExit(
+            f"The cached caption embeddings have width {first_row['prompt_embeds'].shape[-1]}, the transformer takes "
+            f"{transformer.config.caption_channels}: precompute the cache with this pipeline's text encoder."
+        )
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    trainer = DiffusionTrainer(args)
+    pipeline = load_pipeline(args)
+    transformer = pipeline.transformer
+    factor = pipeline.vae_scale_factor
+    native = transformer.config.sample_size * factor
+    args.resolution = args.resolution or native
+    if args.resolution % (factor * transformer.config.patch_size):
+        raise SystemExit(f"--resolution must be a multiple of {factor * transformer.config.patch_size} px.")
+    if args.resolution != native:
+        move_to_resolution(transformer, args.resolution, factor)
+    if args.validation_prompts and args.resolution not in ASPECT_RATIO_BINS:
+        raise SystemExit(
+            f"Validation at {args.resolution} px is impossible: PixArtSigmaPipeline only samples models of "
+            f"{sorted(ASPECT_RATIO_BINS)} px (its aspect-ratio bins). Drop --validation_prompts or pick one of those."
+        )
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    if noise_scheduler.config.prediction_type != "epsilon":
+        prediction = noise_scheduler.config.prediction_type
+        raise SystemExit(f"PixArt-Sigma predicts epsilon, but the pipeline's scheduler is set to {prediction!r}.")
+
+    dataset, collate_fn, batch_sampler = load_training_data(args)
+    first_row = next(iter(dataset))
+    check_cache_fits(first_row, transformer)
+    null_embeds, null_mask = null_caption(pipeline, first_row["prompt_embeds"].shape[0])
+    kv = transformer.kv_compressed_layers
+    trainer.accelerator.print(
+        f"PixArt-Sigma at {args.resolution} px"
+        + (f" (aspect-ratio buckets, {len(batch_sampler)} batches per epoch)" if batch_sampler else "")
+        + (f", KV compression x{transformer.config.kv_compress_ratio} in blocks {kv}" if kv else ", no KV compression")
+    )
+
+    def build_pipeline(model) -> PixArtSigmaKVPipeline:
+        return PixArtSigmaKVPipeline(
+            transformer=model, vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
+            scheduler=pipeline.scheduler,
+        )
+
+    compute_loss = make_compute_loss(noise_scheduler, null_embeds, null_mask, args.caption_dropout)
+    trainer.prepare(transformer, dataset, compute_loss, collate_fn, batch_sampler)
+    trainer.train(build_pipeline)
+    trainer.finish(build_pipeline)
+
+
+if __name__ == "__main__":
+    main()
