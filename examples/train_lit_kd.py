@@ -37,8 +37,13 @@ from diffusers import DDPMScheduler, DiffusionPipeline, PixArtSigmaPipeline
 import diffusers_microdit  # noqa: F401  (registers the package's classes with diffusers)
 from diffusers_microdit import LiTPipeline, LiTTransformer2DModel
 from diffusers_microdit.models.transformer_lit import VALUE_CONV_CHANNELS, VALUE_CONV_INITS
-from diffusers_microdit.training.args import add_training_args, check_training_args, resolve_pipeline_path
-from diffusers_microdit.training.data import ASPECT_RATIO_BINS
+from diffusers_microdit.training.args import (
+    add_aspect_ratio_bucket_arg,
+    add_training_args,
+    check_aspect_ratio_bucket_args,
+    check_training_args,
+    resolve_pipeline_path,
+)
 from diffusers_microdit.training.losses import KD_VARIANCE_TARGETS, LiTDistillationTerms, lit_distillation_loss
 from diffusers_microdit.training.trainer import DiffusionTrainer
 
@@ -85,11 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Share of captions replaced by the pipeline's unconditional caption (T5 embedding of the empty prompt), "
         "for classifier-free guidance; the teacher sees the same caption as the student.",
     )
-    kd.add_argument(
-        "--aspect_ratio_buckets", type=int, default=None,
-        help=f"Train on multi-aspect latents of this base size ({', '.join(map(str, ASPECT_RATIO_BINS))}), cached "
-        "with precompute_embeddings.py --aspect_ratio_buckets; it is also the training resolution.",
-    )
+    add_aspect_ratio_bucket_arg(kd)
     student = parser.add_argument_group("student (built from the teacher unless --student_init_from)")
     student.add_argument(
         "--student_init_from", default=None,
@@ -129,15 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"--student_init_from {args.student_init_from} has no transformer/ folder: give a LiT pipeline "
                 "folder or the --output_dir of a previous run."
             )
-    buckets = args.aspect_ratio_buckets
-    if buckets is not None:
-        if buckets not in ASPECT_RATIO_BINS:
-            errors.append(f"--aspect_ratio_buckets must be one of {sorted(ASPECT_RATIO_BINS)}, got {buckets}.")
-        if args.resolution not in (None, buckets):
-            errors.append(f"--resolution {args.resolution} contradicts --aspect_ratio_buckets {buckets}; drop one.")
-        if args.streaming:
-            errors.append("--aspect_ratio_buckets cannot stream: batching by bucket needs every row's shape up front.")
-        args.resolution = buckets
+    errors += check_aspect_ratio_bucket_args(args)
     if errors:
         raise SystemExit("Invalid arguments:\n  " + "\n  ".join(errors))
     args.pretrained_model_name_or_path = resolve_pipeline_path(args.pretrained_model_name_or_path)

@@ -33,7 +33,13 @@ from diffusers.models.embeddings import PatchEmbed
 import diffusers_microdit  # noqa: F401  (registers the package's classes with diffusers)
 from diffusers_microdit import PixArtSigmaKVPipeline, PixArtSigmaKVTransformer2DModel
 from diffusers_microdit.models.transformer_pixart_kv import KV_COMPRESS_SAMPLINGS, normalize_kv_compress_layers
-from diffusers_microdit.training.args import add_training_args, check_training_args, resolve_pipeline_path
+from diffusers_microdit.training.args import (
+    add_aspect_ratio_bucket_arg,
+    add_training_args,
+    check_aspect_ratio_bucket_args,
+    check_training_args,
+    resolve_pipeline_path,
+)
 from diffusers_microdit.training.data import (
     ASPECT_RATIO_BINS,
     AspectRatioBucketBatchSampler,
@@ -60,11 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     pixart.add_argument("--kv_compress_ratio", type=int, default=2, help="Token-grid downsampling per axis.")
     pixart.add_argument("--kv_compress_sampling", default="conv", choices=KV_COMPRESS_SAMPLINGS)
-    pixart.add_argument(
-        "--aspect_ratio_buckets", type=int, default=None,
-        help=f"Train on multi-aspect latents of this base size ({', '.join(map(str, ASPECT_RATIO_BINS))}), cached "
-        "with precompute_embeddings.py --aspect_ratio_buckets; it is also the training resolution.",
-    )
+    add_aspect_ratio_bucket_arg(pixart)
     pixart.add_argument(
         "--vae", default=None,
         help="Swap in this diffusers AutoencoderKL (folder or Hub id), e.g. the SDXL VAE of Sigma's weak-to-strong "
@@ -96,15 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             errors.append(f"--kv_compress_ratio must be >= 2 to compress anything, got {args.kv_compress_ratio}.")
     if not 0.0 <= args.caption_dropout < 1.0:
         errors.append(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
-    buckets = args.aspect_ratio_buckets
-    if buckets is not None:
-        if buckets not in ASPECT_RATIO_BINS:
-            errors.append(f"--aspect_ratio_buckets must be one of {sorted(ASPECT_RATIO_BINS)}, got {buckets}.")
-        if args.resolution not in (None, buckets):
-            errors.append(f"--resolution {args.resolution} contradicts --aspect_ratio_buckets {buckets}; drop one.")
-        if args.streaming:
-            errors.append("--aspect_ratio_buckets cannot stream: batching by bucket needs every row's shape up front.")
-        args.resolution = buckets
+    errors += check_aspect_ratio_bucket_args(args)
     if errors:
         raise SystemExit("Invalid arguments:\n  " + "\n  ".join(errors))
     args.pretrained_model_name_or_path = resolve_pipeline_path(args.pretrained_model_name_or_path)

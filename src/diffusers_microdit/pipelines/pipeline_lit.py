@@ -35,7 +35,7 @@ class LiTPipeline(PixArtSigmaPipeline, TransformerLoraLoaderMixin):
         >>> # LiT student of a released PixArt-Σ: everything but the self-attention is inherited. Distil it
         >>> # (e.g. with the teacher's noise and variance outputs) before expecting useful images.
         >>> teacher = PixArtSigmaPipeline.from_pretrained("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS")
-        >>> student = LiTTransformer2DModel.from_pixart(teacher.transformer, linear_attention_heads=2)
+        >>> student = LiTTransformer2DModel.from_pixart(teacher.transformer, num_attention_heads=2)
         >>> pipe = LiTPipeline(**{**teacher.components, "transformer": student})
         >>> image = pipe("A small cactus with a happy face in the Sahara desert.").images[0]
         ```

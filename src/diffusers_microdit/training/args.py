@@ -9,6 +9,8 @@ from pathlib import Path
 
 from diffusers.optimization import SchedulerType
 
+from .data import ASPECT_RATIO_BINS
+
 
 def add_training_args(parser: argparse.ArgumentParser, *, learning_rate: float, weight_decay: float) -> None:
     """Add the shared flags; `learning_rate`/`weight_decay` are the defaults of the calling script's recipe."""
@@ -78,6 +80,30 @@ def add_training_args(parser: argparse.ArgumentParser, *, learning_rate: float, 
     cost = parser.add_argument_group("cost meter")
     cost.add_argument("--gpu_hour_cost", type=float, default=0.0, help="Price of one device-hour in dollars.")
     cost.add_argument("--peak_tflops", type=float, default=None, help="Device peak for MFU if not a known GPU.")
+
+
+def add_aspect_ratio_bucket_arg(group) -> None:
+    """`--aspect_ratio_buckets` for the PixArt-style scripts (multi-aspect latents cached by precompute)."""
+    group.add_argument(
+        "--aspect_ratio_buckets", type=int, default=None,
+        help=f"Train on multi-aspect latents of this base size ({', '.join(map(str, ASPECT_RATIO_BINS))}), cached "
+        "with precompute_embeddings.py --aspect_ratio_buckets; it is also the training resolution.",
+    )
+
+
+def check_aspect_ratio_bucket_args(args: argparse.Namespace) -> list[str]:
+    """Problems with `--aspect_ratio_buckets`; when it is valid it also becomes `args.resolution`."""
+    errors = []
+    buckets = args.aspect_ratio_buckets
+    if buckets is not None:
+        if buckets not in ASPECT_RATIO_BINS:
+            errors.append(f"--aspect_ratio_buckets must be one of {sorted(ASPECT_RATIO_BINS)}, got {buckets}.")
+        if args.resolution not in (None, buckets):
+            errors.append(f"--resolution {args.resolution} contradicts --aspect_ratio_buckets {buckets}; drop one.")
+        if args.streaming:
+            errors.append("--aspect_ratio_buckets cannot stream: batching by bucket needs every row's shape up front.")
+        args.resolution = buckets
+    return errors
 
 
 def resolve_pipeline_path(path: str | None) -> str | None:
