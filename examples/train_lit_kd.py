@@ -27,7 +27,6 @@ the caches of examples/precompute_embeddings.py, as for train_pixart_kv.py (same
 import argparse
 import contextlib
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -44,12 +43,20 @@ from diffusers_microdit.training.args import (
     check_training_args,
     resolve_pipeline_path,
 )
-from diffusers_microdit.training.losses import KD_VARIANCE_TARGETS, LiTDistillationTerms, lit_distillation_loss
+from diffusers_microdit.training.data import load_training_data
+from diffusers_microdit.training.losses import (
+    KD_VARIANCE_TARGETS,
+    LiTDistillationTerms,
+    draw_pixart_training_inputs,
+    lit_distillation_loss,
+)
+from diffusers_microdit.training.pixart import (
+    check_cache_fits,
+    move_to_resolution,
+    null_caption,
+    training_noise_scheduler,
+)
 from diffusers_microdit.training.trainer import DiffusionTrainer
-
-# The teacher's data pipeline (caches, aspect-ratio buckets, null caption) is train_pixart_kv.py's, shared as is.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_pixart_kv import check_cache_fits, load_training_data, move_to_resolution, null_caption  # noqa: E402
 
 # LiT's student architecture options: flag name -> (`from_pixart` argument, default).
 STUDENT_OPTIONS = {
@@ -229,18 +236,12 @@ def make_compute_loss(
     num_timesteps = noise_scheduler.config.num_train_timesteps
 
     def compute_loss(model, batch, draws) -> torch.Tensor:
-        latents = batch["latents"].to(draws.device, torch.float32)
-        embeds = batch["prompt_embeds"].to(draws.device, torch.float32)
-        mask = batch["prompt_attention_mask"].to(draws.device, torch.long)
-        n = draws.global_batch
-        timesteps = draws.local(torch.randint(0, num_timesteps, (n,), generator=draws.generator))
-        noise = draws.local(torch.randn(n, *latents.shape[1:], generator=draws.generator))
-        drop = draws.local(torch.rand(n, generator=draws.generator) < args.caption_dropout)
-        embeds = torch.where(drop.view(-1, 1, 1), null_embeds.to(draws.device), embeds)
-        mask = torch.where(drop.view(-1, 1), null_mask.to(draws.device), mask)
+        inputs = draw_pixart_training_inputs(
+            batch, draws, num_timesteps, null_embeds, null_mask, args.caption_dropout
+        )
         with autocast():
             loss, terms = lit_distillation_loss(
-                model, teacher, noise_scheduler, latents, embeds, mask, timesteps, noise,
+                model, teacher, noise_scheduler, *inputs,
                 lambda_noise=args.lambda_noise, lambda_variance=args.lambda_variance,
                 variance_target=args.kd_variance_target,
             )
@@ -264,10 +265,7 @@ def main(argv=None) -> None:
             f"The teacher is a {native}-px model and --resolution is {args.resolution}: distil at the teacher's "
             f"resolution (move a teacher to {args.resolution} px first with train_pixart_kv.py --resolution)."
         )
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    if noise_scheduler.config.prediction_type != "epsilon":
-        prediction = noise_scheduler.config.prediction_type
-        raise SystemExit(f"PixArt-Sigma predicts epsilon, but the pipeline's scheduler is set to {prediction!r}.")
+    noise_scheduler = training_noise_scheduler(pipeline)
 
     dataset, collate_fn, batch_sampler = load_training_data(args)
     first_row = next(iter(dataset))

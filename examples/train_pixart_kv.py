@@ -26,9 +26,7 @@ written by examples/precompute_embeddings.py, square (--resolution) or multi-asp
 
 import argparse
 
-import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, PixArtSigmaPipeline
-from diffusers.models.embeddings import PatchEmbed
+from diffusers import AutoencoderKL, DiffusionPipeline, PixArtSigmaPipeline
 
 import diffusers_microdit  # noqa: F401  (registers the package's classes with diffusers)
 from diffusers_microdit import PixArtSigmaKVPipeline, PixArtSigmaKVTransformer2DModel
@@ -40,15 +38,14 @@ from diffusers_microdit.training.args import (
     check_training_args,
     resolve_pipeline_path,
 )
-from diffusers_microdit.training.data import (
-    ASPECT_RATIO_BINS,
-    AspectRatioBucketBatchSampler,
-    collate_bucketed,
-    latent_shape_buckets,
-    load_precomputed,
-    load_precomputed_buckets,
+from diffusers_microdit.training.data import ASPECT_RATIO_BINS, load_training_data
+from diffusers_microdit.training.losses import pixart_objective
+from diffusers_microdit.training.pixart import (
+    check_cache_fits,
+    move_to_resolution,
+    null_caption,
+    training_noise_scheduler,
 )
-from diffusers_microdit.training.losses import pixart_sigma_loss
 from diffusers_microdit.training.trainer import DiffusionTrainer
 
 DEEPER_HALF = "deeper_half"
@@ -147,91 +144,6 @@ def kv_compression_config(args) -> dict:
     }
 
 
-def move_to_resolution(transformer: PixArtSigmaKVTransformer2DModel, resolution: int, vae_scale_factor: int) -> None:
-    """Set the transformer's native size to `resolution` px, as PixArt-Sigma's 256 -> 512 -> 1K -> 2K steps do: the
-    latent `sample_size` follows, and `interpolation_scale = resolution / 512` keeps the sin-cos positions in the
-    512-px model's coordinate range. The patch projection's weights are kept; the positions are rebuilt."""
-    config = transformer.config
-    sample_size, scale = resolution // vae_scale_factor, resolution / 512
-    transformer.register_to_config(sample_size=sample_size, interpolation_scale=scale)
-    old = transformer.pos_embed
-    new = PatchEmbed(
-        height=sample_size, width=sample_size, patch_size=config.patch_size, in_channels=config.in_channels,
-        embed_dim=transformer.inner_dim, interpolation_scale=scale,
-    )
-    new.proj.load_state_dict(old.proj.state_dict())
-    transformer.pos_embed = new.to(old.proj.weight.device)
-    transformer.height = transformer.width = sample_size
-
-
-@torch.no_grad()
-def null_caption(pipeline: PixArtSigmaKVPipeline, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embeddings (L, D), attention mask (L,)) of the unconditional caption `PixArtSigmaPipeline` feeds for
-    classifier-free guidance: the T5 encoding of its default negative prompt "" padded to `length` tokens."""
-    _, _, embeds, mask = pipeline.encode_prompt(
-        "", do_classifier_free_guidance=True, negative_prompt="", max_sequence_length=length, device="cpu"
-    )
-    return embeds[0].float(), mask[0].long()
-
-
-def make_compute_loss(noise_scheduler: DDPMScheduler, null_embeds, null_mask, caption_dropout: float):
-    """`compute_loss(model, batch, draws)` of the trainer: timesteps, noise and caption dropout are drawn for the
-    global batch from `draws`, then PixArt-Sigma's loss (epsilon MSE + variational bound)."""
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-
-    def compute_loss(model, batch, draws) -> torch.Tensor:
-        latents = batch["latents"].to(draws.device, torch.float32)
-        embeds = batch["prompt_embeds"].to(draws.device, torch.float32)
-        mask = batch["prompt_attention_mask"].to(draws.device, torch.long)
-        n = draws.global_batch
-        timesteps = draws.local(torch.randint(0, num_timesteps, (n,), generator=draws.generator))
-        noise = draws.local(torch.randn(n, *latents.shape[1:], generator=draws.generator))
-        drop = draws.local(torch.rand(n, generator=draws.generator) < caption_dropout)
-        embeds = torch.where(drop.view(-1, 1, 1), null_embeds.to(draws.device), embeds)
-        mask = torch.where(drop.view(-1, 1), null_mask.to(draws.device), mask)
-        loss, _ = pixart_sigma_loss(model, noise_scheduler, latents, embeds, mask, timesteps, noise)
-        return loss
-
-    return compute_loss
-
-
-def load_training_data(args):
-    """(dataset, collate_fn, batch_sampler): square latents of --resolution, or bucketed ones batched by bucket."""
-    if args.aspect_ratio_buckets is None:
-        dataset = load_precomputed(
-            args.precomputed_dataset, args.resolution, args.precomputed_dataset_probabilities, args.streaming, args.seed
-        )
-        return dataset, None, None
-    dataset = load_precomputed_buckets(
-        args.precomputed_dataset, args.aspect_ratio_buckets, args.precomputed_dataset_probabilities, args.seed
-    )
-    sampler = AspectRatioBucketBatchSampler(latent_shape_buckets(dataset), args.train_batch_size, args.seed)
-    if len(sampler) == 0:
-        sizes = {"x".join(map(str, shape[1:])): rows for shape, rows in sampler.bucket_sizes().items()}
-        raise SystemExit(
-            f"No aspect-ratio bucket holds a full batch of {args.train_batch_size} rows (rows per latent size: "
-            f"{sizes}); lower --train_batch_size or add data."
-        )
-    return dataset, collate_bucketed, sampler
-
-
-def check_cache_fits(first_row: dict, transformer: PixArtSigmaKVTransformer2DModel) -> None:
-    """Refuse caches encoded by another VAE or text encoder before any step runs."""
-    channels = int(first_row["latents_shape"][0]) if "latents_shape" in first_row else first_row["latents"].shape[0]
-    if "prompt_attention_mask" not in first_row:
-        raise SystemExit("The cache has no T5 attention masks: precompute it from a PixArt-Sigma pipeline.")
-    if channels != transformer.config.in_channels:
-        raise SystemExit(
-            f"The cached latents have {channels} channels, the transformer takes {transformer.config.in_channels}: "
-            "precompute the cache with the VAE you train with (precompute_embeddings.py --vae)."
-        )
-    if first_row["prompt_embeds"].shape[-1] != transformer.config.caption_channels:
-        raise SystemExit(
-            f"The cached caption embeddings have width {first_row['prompt_embeds'].shape[-1]}, the transformer takes "
-            f"{transformer.config.caption_channels}: precompute the cache with this pipeline's text encoder."
-        )
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     trainer = DiffusionTrainer(args)
@@ -249,10 +161,7 @@ def main(argv=None) -> None:
             f"Validation at {args.resolution} px is impossible: PixArtSigmaPipeline only samples models of "
             f"{sorted(ASPECT_RATIO_BINS)} px (its aspect-ratio bins). Drop --validation_prompts or pick one of those."
         )
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    if noise_scheduler.config.prediction_type != "epsilon":
-        prediction = noise_scheduler.config.prediction_type
-        raise SystemExit(f"PixArt-Sigma predicts epsilon, but the pipeline's scheduler is set to {prediction!r}.")
+    noise_scheduler = training_noise_scheduler(pipeline)
 
     dataset, collate_fn, batch_sampler = load_training_data(args)
     first_row = next(iter(dataset))
@@ -271,7 +180,7 @@ def main(argv=None) -> None:
             scheduler=pipeline.scheduler,
         )
 
-    compute_loss = make_compute_loss(noise_scheduler, null_embeds, null_mask, args.caption_dropout)
+    compute_loss = pixart_objective(noise_scheduler, null_embeds, null_mask, args.caption_dropout)
     trainer.prepare(transformer, dataset, compute_loss, collate_fn, batch_sampler)
     trainer.train(build_pipeline)
     trainer.finish(build_pipeline)

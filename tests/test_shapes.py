@@ -325,3 +325,25 @@ def test_detector_rejects_non_shapes_and_tolerates_mild_blur():
     examples = calibration_examples(32)[:100]
     blurred = [e["image"].filter(ImageFilter.GaussianBlur(0.5)) for e in examples]
     assert evaluator.score(blurred, [e["caption"] for e in examples])["overall"] >= 0.97
+
+
+def test_shipped_autoencoder_reconstructs_shapes_with_calibrated_latents():
+    """The package's shapes autoencoder (examples/train_shapes_autoencoder.py): 32 px -> 8x8x8 latents of std about
+    sigma_data = 0.5 once scaled, reconstructions that ShapesEval still reads."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    from diffusers_microdit.training.autoencoder import load_shapes_autoencoder, psnr_from_mse
+    from diffusers_microdit.training.data import encode_images_to_latents, image_to_pixels
+
+    vae = load_shapes_autoencoder()
+    dataset = build_shapes_dataset(64, size=32, seed=7)
+    pixels = torch.stack([image_to_pixels(image, 32) for image in dataset["image"]])
+    latents = encode_images_to_latents(vae, pixels)
+    assert latents.shape == (64, 8, 8, 8)
+    assert 0.4 < latents.std().item() < 0.6
+    with torch.no_grad():
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+    assert psnr_from_mse(torch.mean((decoded - pixels) ** 2).item()) > 28
+    images = VaeImageProcessor().postprocess(decoded, output_type="pil")
+    assert ShapesEval().score(images, dataset["text"])["overall"] > 0.75

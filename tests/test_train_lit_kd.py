@@ -19,6 +19,7 @@ from diffusers_microdit import LiTPipeline, LiTTransformer2DModel
 from diffusers_microdit.data.shapes import build_shapes_dataset
 from diffusers_microdit.training.data import load_precomputed, precompute_embeddings
 from diffusers_microdit.training.losses import lit_distillation_loss, pixart_sigma_loss
+from diffusers_microdit.training.pixart import null_caption
 from diffusers_microdit.training.trainer import BatchRandomness
 
 # A "256-px" PixArt-Σ (latents 32x32, 4 -> 8 channels), 2 blocks of width 16.
@@ -148,7 +149,7 @@ def test_kd_terms_decrease_on_a_fixed_batch(workspace, tmp_path):
     student = script.build_student(args, pipeline.transformer, pipeline.vae_scale_factor).train()
     rows = load_precomputed([str(workspace["cache"])], 256)
     batch = torch.utils.data.default_collate([rows[i] for i in range(4)])
-    null = script.null_caption(pipeline, batch["prompt_embeds"].shape[1])
+    null = null_caption(pipeline, batch["prompt_embeds"].shape[1])
     recorded = []
     log = types.SimpleNamespace(add=recorded.append)
     compute_loss = script.make_compute_loss(

@@ -28,7 +28,8 @@ from diffusers_microdit.training.data import (
     load_precomputed,
     load_precomputed_buckets,
 )
-from diffusers_microdit.training.losses import learned_sigma_loss_terms, variational_bound_bits
+from diffusers_microdit.training.losses import learned_sigma_loss_terms, pixart_objective, variational_bound_bits
+from diffusers_microdit.training.pixart import move_to_resolution, null_caption
 from diffusers_microdit.training.trainer import BatchRandomness
 
 BASE_CONFIG = {**TINY_CONFIG, "sample_size": 32, "interpolation_scale": 0.5}  # a "256-px" PixArt-Σ, 4 -> 8 channels
@@ -168,8 +169,8 @@ def test_loss_decreases_on_a_fixed_batch(workspace, tmp_path):
     rows = load_precomputed([str(workspace["cache"])], 256)
     batch = torch.utils.data.default_collate([rows[i] for i in range(4)])
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    null = script.null_caption(pipeline, batch["prompt_embeds"].shape[1])
-    compute_loss = script.make_compute_loss(noise_scheduler, *null, caption_dropout=0.25)
+    null = null_caption(pipeline, batch["prompt_embeds"].shape[1])
+    compute_loss = pixart_objective(noise_scheduler, *null, caption_dropout=0.25)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-3)
     losses = []
     for _ in range(30):
@@ -269,9 +270,8 @@ def test_resolution_change_moves_sample_size_and_position_interpolation(workspac
     assert (config["sample_size"], config["interpolation_scale"], config["kv_compress_layers"]) == (16, 0.25, None)
 
     # The moved model computes what a model built at that size computes.
-    script = load_example("train_pixart_kv")
     moved = PixArtSigmaKVTransformer2DModel.from_pretrained(workspace["base"], subfolder="transformer")
-    script.move_to_resolution(moved, 128, 8)
+    move_to_resolution(moved, 128, 8)
     built = PixArtSigmaKVTransformer2DModel.from_config(moved.config)
     built.load_state_dict(moved.state_dict())
     inputs = dict(

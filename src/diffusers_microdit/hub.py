@@ -26,8 +26,9 @@ from .pipelines.pipeline_microdit import MicroDiTPipeline
 
 PACKAGE = __name__.split(".")[0]
 _PROJECT_URL = "https://github.com/diffusers-microdit/diffusers-microdit"
-# Training outputs hold accelerate checkpoints (optimizer states, several times the model size): never uploaded.
-DEFAULT_IGNORE_PATTERNS = ("checkpoint-*",)
+# Training output folders also hold accelerate checkpoints (optimizer states, several times the model size), tracker
+# logs and (train_lora.py) the encoded training data: never uploaded.
+DEFAULT_IGNORE_PATTERNS = ("checkpoint-*", "logs/*", "cache/*")
 SAMPLES_DIR = "samples"
 
 # (pipeline base class, Hub licence id, statement) for the weights each family starts from.
@@ -81,42 +82,86 @@ def save_pipeline_with_card(
     """
     output_dir = Path(output_dir)
     sample_images = sample_images or []
-    if sample_prompts is not None and len(sample_prompts) != len(sample_images):
-        raise ValueError(f"Got {len(sample_prompts)} sample prompts for {len(sample_images)} sample images.")
-    family_license, licence_statement = _family_licence(pipeline)
-    license = license or family_license
-    if license is None:
-        raise ValueError(
-            f"No default licence is known for {type(pipeline).__name__}; pass `license=` (a Hub licence id such as "
-            "'apache-2.0')."
-        )
-
+    license, licence_statement = _check_card_inputs(pipeline, license, sample_images, sample_prompts)
     pipeline.save_pretrained(output_dir, safe_serialization=True)
     _record_package_components_under_diffusers(output_dir / "model_index.json")
-    sample_files = _save_samples(sample_images, output_dir)
-
-    widget = [{"text": prompt, "output": {"url": file}} for prompt, file in zip(sample_prompts or [], sample_files)]
-    card_data = ModelCardData(
-        license=license, base_model=base_model, pipeline_tag="text-to-image", widget=widget or None
+    components = "\n".join(
+        f"| `{name}` | `{type(component).__name__}` |"
+        for name, component in pipeline.components.items()
+        if component is not None
     )
-    body = _card_body(
-        pipeline,
+    _write_card(
+        output_dir,
         title=repo_id.split("/")[-1] if repo_id else type(pipeline).__name__,
-        description=description,
-        repo_id=repo_id,
+        description=description
+        or f"A text-to-image `{type(pipeline).__name__}` from [diffusers-microdit]({_PROJECT_URL}).",
+        usage="import diffusers_microdit  # registers the package's classes with diffusers; import it before loading\n"
+        "from diffusers import DiffusionPipeline\n\n"
+        f'pipe = DiffusionPipeline.from_pretrained("{repo_id or "path/to/this/folder"}")\n'
+        'image = pipe("Image of an astronaut riding a horse in Origami style").images[0]',
+        details=f"## Components\n\n| component | class |\n| --- | --- |\n{components}",
         license=license,
         licence_statement=licence_statement,
         base_model=base_model,
         training_data=training_data,
         cost=cost,
-        sample_files=sample_files,
+        sample_images=sample_images,
         sample_prompts=sample_prompts,
+        tags=tags,
     )
-    # diffusers' `load_or_create_model_card` needs a Hub repo id (a local folder without README raises) and its
-    # training template is a TODO skeleton, so the card is built here; `populate_model_card` adds diffusers' metadata.
-    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
-    card = populate_model_card(card, tags=["text-to-image", "diffusers", PACKAGE.replace("_", "-"), *(tags or [])])
-    card.save(output_dir / "README.md")
+    return output_dir
+
+
+def save_lora_with_card(
+    pipeline: DiffusionPipeline,
+    output_dir: str | os.PathLike,
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    training_data: str | None = None,
+    cost: dict[str, object] | None = None,
+    sample_images: list[Image.Image] | None = None,
+    sample_prompts: list[str] | None = None,
+    description: str | None = None,
+    tags: list[str] | None = None,
+) -> Path:
+    """Write the transformer's active peft LoRA adapter as `pytorch_lora_weights.safetensors` (diffusers' LoRA
+    format, loadable with `pipe.load_lora_weights`) with samples and a model card; arguments as for
+    [`save_pipeline_with_card`], `base_model` being the pipeline the adapter goes on."""
+    from peft.utils import get_peft_model_state_dict
+
+    output_dir = Path(output_dir)
+    sample_images = sample_images or []
+    license, licence_statement = _check_card_inputs(pipeline, license, sample_images, sample_prompts)
+    transformer = pipeline.transformer
+    adapter = transformer.active_adapters()[0]
+    config = transformer.peft_config[adapter]
+    type(pipeline).save_lora_weights(
+        output_dir,
+        transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=adapter),
+        transformer_lora_adapter_metadata=config.to_dict(),  # keeps lora_alpha and the target modules
+    )
+    pipeline_class = type(pipeline).__name__
+    targets = ", ".join(f"`{name}`" for name in sorted(config.target_modules))
+    _write_card(
+        output_dir,
+        title=repo_id.split("/")[-1] if repo_id else f"{pipeline_class} LoRA",
+        description=description or f"A peft LoRA for `{pipeline_class}` from [diffusers-microdit]({_PROJECT_URL}).",
+        usage=f"from diffusers_microdit import {pipeline_class}\n\n"
+        f'pipe = {pipeline_class}.from_pretrained("{base_model or "path/to/the/base/pipeline"}")\n'
+        f'pipe.load_lora_weights("{repo_id or "path/to/this/folder"}")\n'
+        'image = pipe("Image of an astronaut riding a horse in Origami style").images[0]',
+        details=f"## LoRA\n\nRank {config.r}, alpha {config.lora_alpha}, on the transformer's {targets} layers.",
+        license=license,
+        licence_statement=licence_statement,
+        base_model=base_model,
+        training_data=training_data,
+        cost=cost,
+        sample_images=sample_images,
+        sample_prompts=sample_prompts,
+        tags=["lora", *(tags or [])],
+    )
     return output_dir
 
 
@@ -152,12 +197,22 @@ def push_folder_to_hub(
     return repo_url.repo_id
 
 
-def _family_licence(pipeline: DiffusionPipeline) -> tuple[str | None, str]:
-    """(Hub licence id, statement) of the weights the pipeline's family starts from; `(None, "")` if unknown."""
-    for family, license, statement in _FAMILY_LICENCES:
+def _check_card_inputs(
+    pipeline: DiffusionPipeline, license: str | None, sample_images: list, sample_prompts: list[str] | None
+) -> tuple[str, str]:
+    """(Hub licence id, statement on the family's weights): `license`, or the licence of the weights the pipeline's
+    family starts from. Refuses an unknown licence and prompts that do not match the samples."""
+    if sample_prompts is not None and len(sample_prompts) != len(sample_images):
+        raise ValueError(f"Got {len(sample_prompts)} sample prompts for {len(sample_images)} sample images.")
+    for family, family_license, statement in _FAMILY_LICENCES:
         if isinstance(pipeline, family):
-            return license, statement
-    return None, ""
+            return license or family_license, statement
+    if license is None:
+        raise ValueError(
+            f"No default licence is known for {type(pipeline).__name__}; pass `license=` (a Hub licence id such as "
+            "'apache-2.0')."
+        )
+    return license, ""
 
 
 def _record_package_components_under_diffusers(model_index: Path) -> None:
@@ -207,39 +262,30 @@ def _save_samples(images: list[Image.Image], output_dir: Path) -> list[str]:
     return files
 
 
-def _card_body(
-    pipeline,
+def _write_card(
+    output_dir: Path,
     *,
-    title,
-    description,
-    repo_id,
-    license,
-    licence_statement,
-    base_model,
-    training_data,
-    cost,
-    sample_files,
-    sample_prompts,
-) -> str:
-    """Markdown of the model card below its metadata."""
-    pipeline_name = type(pipeline).__name__
-    components = "\n".join(
-        f"| `{name}` | `{type(component).__name__}` |"
-        for name, component in pipeline.components.items()
-        if component is not None
-    )
+    title: str,
+    description: str,
+    usage: str,
+    details: str,
+    license: str,
+    licence_statement: str,
+    base_model: str | None,
+    training_data: str | None,
+    cost: dict[str, object] | None,
+    sample_images: list[Image.Image],
+    sample_prompts: list[str] | None,
+    tags: list[str] | None,
+) -> None:
+    """Save the samples and write `README.md`: metadata, then title, description, usage, `details`, licence,
+    training data, cost table and samples."""
+    sample_files = _save_samples(sample_images, output_dir)
     sections = [
         f"# {title}",
-        description or f"A text-to-image `{pipeline_name}` from [diffusers-microdit]({_PROJECT_URL}).",
-        "## Usage\n\n"
-        "```bash\npip install diffusers-microdit\n```\n\n"
-        "```python\n"
-        "import diffusers_microdit  # registers the package's classes with diffusers; import it before loading\n"
-        "from diffusers import DiffusionPipeline\n\n"
-        f'pipe = DiffusionPipeline.from_pretrained("{repo_id or "path/to/this/folder"}")\n'
-        'image = pipe("Image of an astronaut riding a horse in Origami style").images[0]\n'
-        "```",
-        f"## Components\n\n| component | class |\n| --- | --- |\n{components}",
+        description,
+        f"## Usage\n\n```bash\npip install diffusers-microdit\n```\n\n```python\n{usage}\n```",
+        details,
         "## Licence\n\n"
         + " ".join(
             part
@@ -260,5 +306,12 @@ def _card_body(
         captions = sample_prompts or [f"sample {i}" for i in range(len(sample_files))]
         images = "\n".join(f"![{caption}]({file})" for caption, file in zip(captions, sample_files))
         sections.append(f"## Samples\n\n{images}")
-    return "\n\n".join(sections) + "\n"
-
+    widget = [{"text": prompt, "output": {"url": file}} for prompt, file in zip(sample_prompts or [], sample_files)]
+    card_data = ModelCardData(
+        license=license, base_model=base_model, pipeline_tag="text-to-image", widget=widget or None
+    )
+    # diffusers' `load_or_create_model_card` needs a Hub repo id (a local folder without README raises) and its
+    # training template is a TODO skeleton, so the card is built here; `populate_model_card` adds diffusers' metadata.
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+    card = populate_model_card(card, tags=["text-to-image", "diffusers", PACKAGE.replace("_", "-"), *(tags or [])])
+    card.save(output_dir / "README.md")

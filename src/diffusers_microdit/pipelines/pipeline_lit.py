@@ -46,10 +46,11 @@ class LiTPipeline(PixArtSigmaPipeline, TransformerLoraLoaderMixin):
         tokenizer: PreTrainedTokenizerBase,
         text_encoder: PreTrainedModel,
         vae: AutoencoderKL,
-        transformer: LiTTransformer2DModel,
+        transformer: LiTTransformer2DModel | None,
         scheduler: KarrasDiffusionSchedulers,
     ):
-        if not isinstance(transformer, LiTTransformer2DModel):
+        # None: loaded without its transformer (`from_pretrained(..., transformer=None)`) to encode data only.
+        if transformer is not None and not isinstance(transformer, LiTTransformer2DModel):
             raise TypeError(
                 f"LiTPipeline needs a LiTTransformer2DModel transformer, got {type(transformer).__name__}. Convert a "
                 "PixArt-Σ transformer with LiTTransformer2DModel.from_pixart(...), or use PixArtSigmaPipeline for it."

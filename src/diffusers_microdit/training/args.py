@@ -82,6 +82,19 @@ def add_training_args(parser: argparse.ArgumentParser, *, learning_rate: float, 
     cost.add_argument("--peak_tflops", type=float, default=None, help="Device peak for MFU if not a known GPU.")
 
 
+def add_image_caption_source_args(group) -> None:
+    """Where raw image-caption data comes from: a `datasets` dataset (Hub id or `save_to_disk` folder) or an image
+    folder with `metadata.jsonl` captions, as in the diffusers examples."""
+    group.add_argument("--dataset_name", default=None, help="Hub dataset id, or a local `save_to_disk` folder.")
+    group.add_argument("--dataset_config_name", default=None)
+    group.add_argument("--dataset_split", default="train")
+    group.add_argument("--train_data_dir", default=None, help="Image folder with metadata.jsonl captions.")
+    group.add_argument("--image_column", default="image")
+    group.add_argument("--caption_column", default="text")
+    group.add_argument("--max_samples", type=int, default=None, help="Use only the first N rows.")
+    group.add_argument("--cache_dir", default=None, help="Where `datasets` caches downloads.")
+
+
 def add_aspect_ratio_bucket_arg(group) -> None:
     """`--aspect_ratio_buckets` for the PixArt-style scripts (multi-aspect latents cached by precompute)."""
     group.add_argument(
@@ -119,7 +132,8 @@ def check_training_args(args: argparse.Namespace) -> None:
     if env_rank != -1:
         args.local_rank = env_rank
     errors = []
-    if not args.precomputed_dataset:
+    raw_source = getattr(args, "dataset_name", None) or getattr(args, "train_data_dir", None)
+    if not args.precomputed_dataset and not raw_source:
         errors.append("--precomputed_dataset is required (make one with examples/precompute_embeddings.py).")
     positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps")
     errors += [f"--{name} must be >= 1, got {getattr(args, name)}." for name in positive if getattr(args, name) < 1]

@@ -179,8 +179,21 @@ def encode_captions(pipeline, captions: list[str]) -> dict[str, torch.Tensor]:
     return {"prompt_embeds": encoded[0]}
 
 
+def encode_distinct_captions(pipeline, captions: list[str], batch_size: int) -> dict[str, list[np.ndarray]]:
+    """`encode_captions` of every caption as float16 / int8 arrays by column, each distinct caption encoded once
+    (captions repeat: the 40k shapes images have about 3.5k distinct captions)."""
+    distinct = list(dict.fromkeys(captions))
+    encoded: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    for start in range(0, len(distinct), batch_size):
+        chunk = distinct[start : start + batch_size]
+        for column, tensor in encode_captions(pipeline, chunk).items():
+            dtype = np.int8 if column == "prompt_attention_mask" else np.float16
+            encoded[column].update(zip(chunk, tensor.float().cpu().numpy().astype(dtype)))
+    return {column: [by_caption[caption] for caption in captions] for column, by_caption in encoded.items()}
+
+
 def _cache_features(
-    latent_shapes: dict[str, tuple], embeds: dict[str, torch.Tensor], bucket_sizes: Sequence[int] = ()
+    latent_shapes: dict[str, tuple], embeds: dict[str, np.ndarray], bucket_sizes: Sequence[int] = ()
 ) -> datasets.Features:
     features = {"caption": datasets.Value("string")}
     for column, shape in latent_shapes.items():
@@ -240,8 +253,7 @@ def precompute_embeddings(
 
     def write_shard(index: int, rows: list[dict]) -> dict:
         stats = {"rows": 0, "skipped_corrupt": 0, "skipped_no_caption": 0}
-        records: dict[str, list] = {}
-        features = None
+        records: dict[str, list] = defaultdict(list)
         for start in range(0, len(rows), batch_size):
             captions, pixels = [], {r: [] for r in resolutions}
             bucket_pixels = {b: [] for b in aspect_ratio_buckets}
@@ -264,27 +276,22 @@ def precompute_embeddings(
             if not captions:
                 continue
             generator.manual_seed(seed * 100_003 + index * 1_009 + start)  # same latents when a shard is redone
-            batch = {"caption": captions}
+            records["caption"].extend(captions)
             for resolution in resolutions:
                 latents = encode_images_to_latents(pipeline.vae, torch.stack(pixels[resolution]), generator)
-                batch[latents_column(resolution)] = latents.float().cpu().numpy().astype(np.float16)
+                records[latents_column(resolution)].extend(latents.float().cpu().numpy().astype(np.float16))
             for base_size in aspect_ratio_buckets:
                 latents = encode_images_by_shape(pipeline.vae, bucket_pixels[base_size], generator)
-                batch[bucket_latents_column(base_size)] = [values.reshape(-1) for values in latents]
-                batch[bucket_shape_column(base_size)] = [np.asarray(values.shape, np.int32) for values in latents]
-            embeds = encode_captions(pipeline, captions)
-            for column, tensor in embeds.items():
-                dtype = np.int8 if column == "prompt_attention_mask" else np.float16
-                batch[column] = tensor.float().cpu().numpy().astype(dtype)
-            if features is None:
-                shapes = {latents_column(r): tuple(batch[latents_column(r)].shape[1:]) for r in resolutions}
-                features = _cache_features(shapes, {k: v[0] for k, v in embeds.items()}, aspect_ratio_buckets)
-            for column, values in batch.items():
-                records.setdefault(column, []).extend(list(values))
+                records[bucket_latents_column(base_size)].extend(values.reshape(-1) for values in latents)
+                records[bucket_shape_column(base_size)].extend(np.asarray(v.shape, np.int32) for v in latents)
             stats["rows"] += len(captions)
-        if features is not None:
+        if records:
+            embeds = encode_distinct_captions(pipeline, records["caption"], batch_size)
+            records.update(embeds)
+            shapes = {latents_column(r): tuple(records[latents_column(r)][0].shape) for r in resolutions}
+            features = _cache_features(shapes, {column: values[0] for column, values in embeds.items()}, aspect_ratio_buckets)
             tmp = output_dir / (SHARD_PATTERN.format(index) + ".tmp")
-            datasets.Dataset.from_dict(records, features=features).to_parquet(tmp)
+            datasets.Dataset.from_dict(dict(records), features=features).to_parquet(tmp)
             os.replace(tmp, output_dir / SHARD_PATTERN.format(index))
         (output_dir / (SHARD_PATTERN.format(index) + ".json")).write_text(json.dumps(stats))
         return stats
@@ -476,3 +483,24 @@ def collate_bucketed(rows: list[dict]) -> dict[str, torch.Tensor]:
     latents = torch.stack([row["latents"].reshape(shape) for row in rows])
     rest = [{k: v for k, v in row.items() if k not in ("latents", "latents_shape")} for row in rows]
     return {"latents": latents, **torch.utils.data.default_collate(rest)}
+
+
+def load_training_data(args) -> tuple:
+    """(dataset, collate_fn, batch_sampler) for `DiffusionTrainer.prepare` from a script's data flags: square
+    latents of `--resolution`, or with `--aspect_ratio_buckets` bucketed latents batched one bucket at a time."""
+    if getattr(args, "aspect_ratio_buckets", None) is None:
+        dataset = load_precomputed(
+            args.precomputed_dataset, args.resolution, args.precomputed_dataset_probabilities, args.streaming, args.seed
+        )
+        return dataset, None, None
+    dataset = load_precomputed_buckets(
+        args.precomputed_dataset, args.aspect_ratio_buckets, args.precomputed_dataset_probabilities, args.seed
+    )
+    sampler = AspectRatioBucketBatchSampler(latent_shape_buckets(dataset), args.train_batch_size, args.seed)
+    if len(sampler) == 0:
+        sizes = {"x".join(map(str, shape[1:])): rows for shape, rows in sampler.bucket_sizes().items()}
+        raise SystemExit(
+            f"No aspect-ratio bucket holds a full batch of {args.train_batch_size} rows (rows per latent size: "
+            f"{sizes}); lower --train_batch_size or add data."
+        )
+    return dataset, collate_bucketed, sampler

@@ -75,9 +75,11 @@ def microdit_objective(
     """MicroDiT's training objective as a `compute_loss(model, batch, draws)` for `DiffusionTrainer`.
 
     Per micro-batch, in the original's order: log-normal noise levels, Gaussian noise, the kept patches when
-    `mask_ratio > 0` (`masking` "deferred" or "naive"), and caption dropout to all-zero embeddings (MicroDiT's null
-    caption for classifier-free guidance); everything drawn from `draws` (a `BatchRandomness`).
+    `mask_ratio > 0` (`masking` "deferred" or "naive"; "none" masks nothing), and caption dropout to all-zero
+    embeddings (MicroDiT's null caption for classifier-free guidance); everything drawn from `draws` (a
+    `BatchRandomness`).
     """
+    masked = mask_ratio > 0 and masking != "none"
 
     def compute_loss(model, batch, draws) -> torch.Tensor:
         latents = batch["latents"].to(draws.device, torch.float32)  # the original casts to float32 for the loss
@@ -86,11 +88,14 @@ def microdit_objective(
         sigmas = draws.local(sample_edm_sigmas(n, p_mean, p_std, generator=draws.generator))
         noise = draws.local(torch.randn(n, *latents.shape[1:], generator=draws.generator))
         keep_ids = None
-        if mask_ratio > 0:
+        if masked:
             keep_ids = draws.local(get_random_keep_ids(n, num_tokens, mask_ratio, generator=draws.generator))
         keep_caption = draws.local(torch.rand(n, generator=draws.generator) >= caption_dropout)
         captions = captions * keep_caption.view(-1, 1, 1)
-        loss, _ = edm_loss(model, scheduler, latents, captions, sigmas, noise, keep_ids=keep_ids, masking=masking)
+        loss, _ = edm_loss(
+            model, scheduler, latents, captions, sigmas, noise, keep_ids=keep_ids,
+            masking=masking if masked else "deferred",  # the model's default; unused without keep_ids
+        )
         return loss
 
     return compute_loss
@@ -282,6 +287,48 @@ def pixart_sigma_loss(
         noise_scheduler, latents, noisy_latents, noise, timesteps, noise_pred, variance_values
     )
     return (terms.mse + terms.vb).mean(), terms
+
+
+class PixArtTrainingInputs(NamedTuple):
+    """One micro-batch's inputs to `pixart_sigma_loss` / `lit_distillation_loss`, in their argument order."""
+
+    latents: torch.Tensor
+    prompt_embeds: torch.Tensor
+    prompt_attention_mask: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+
+
+def draw_pixart_training_inputs(
+    batch: dict, draws, num_timesteps: int, null_embeds: torch.Tensor, null_mask: torch.Tensor, caption_dropout: float
+) -> PixArtTrainingInputs:
+    """Uniform timesteps, Gaussian noise and caption dropout (to the pipeline's unconditional caption `null_embeds`,
+    `null_mask`) for a batch of the cache, all drawn for the global batch from `draws` (a `BatchRandomness`)."""
+    latents = batch["latents"].to(draws.device, torch.float32)
+    embeds = batch["prompt_embeds"].to(draws.device, torch.float32)
+    mask = batch["prompt_attention_mask"].to(draws.device, torch.long)
+    n = draws.global_batch
+    timesteps = draws.local(torch.randint(0, num_timesteps, (n,), generator=draws.generator))
+    noise = draws.local(torch.randn(n, *latents.shape[1:], generator=draws.generator))
+    drop = draws.local(torch.rand(n, generator=draws.generator) < caption_dropout)
+    embeds = torch.where(drop.view(-1, 1, 1), null_embeds.to(draws.device), embeds)
+    mask = torch.where(drop.view(-1, 1), null_mask.to(draws.device), mask)
+    return PixArtTrainingInputs(latents, embeds, mask, timesteps, noise)
+
+
+def pixart_objective(
+    noise_scheduler: DDPMScheduler, null_embeds: torch.Tensor, null_mask: torch.Tensor, caption_dropout: float = 0.1
+):
+    """PixArt-Σ's training objective as a `compute_loss(model, batch, draws)` for `DiffusionTrainer`: inputs from
+    `draw_pixart_training_inputs`, then `pixart_sigma_loss` (epsilon MSE + variational bound)."""
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+
+    def compute_loss(model, batch, draws) -> torch.Tensor:
+        inputs = draw_pixart_training_inputs(batch, draws, num_timesteps, null_embeds, null_mask, caption_dropout)
+        loss, _ = pixart_sigma_loss(model, noise_scheduler, *inputs)
+        return loss
+
+    return compute_loss
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -384,15 +384,17 @@ class DiffusionTrainer:
         log_images(self.accelerator, "validation", images, args.validation_prompts, self.global_step)
         return images
 
-    def finish(self, build_pipeline: Callable, description: str | None = None):
-        """Save the final pipeline (EMA weights if kept) with a model card to `output_dir/pipeline`, the loss curve
-        and history and the cost summary; push it to the Hub with `--push_to_hub`. Returns the pipeline on the main
-        process."""
-        from ..hub import push_folder_to_hub, save_pipeline_with_card
+    def finish(
+        self, build_pipeline: Callable, description: str | None = None, training_data: str | None = None
+    ) -> Path | None:
+        """Save the output (`save_output`: the final pipeline with EMA weights if kept and a model card whose
+        `description` and `training_data` default to generic text), the loss curve and history and the cost summary;
+        push the output to the Hub with `--push_to_hub`. Returns the output folder on the main process."""
+        from ..hub import push_folder_to_hub
 
         args, accelerator = self.args, self.accelerator
         accelerator.wait_for_everyone()
-        pipeline = None
+        folder = None
         state_dict = accelerator.get_state_dict(self.model) if self.sharded else None  # collective: all processes
         if accelerator.is_main_process:
             model = self.unwrap()
@@ -404,15 +406,14 @@ class DiffusionTrainer:
                 self.ema = None  # the model now holds the EMA weights; validation must not swap them again
             samples = self.validate(build_pipeline, "final")
             planned = args.max_train_steps * args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-            pipeline = build_pipeline(model)
             repo_id = args.hub_model_id or self.output_dir.name
-            folder = save_pipeline_with_card(
-                pipeline,
-                self.output_dir / "pipeline",
+            folder = self.save_output(
+                model,
+                build_pipeline,
                 repo_id=repo_id if args.push_to_hub else None,
                 # Card metadata takes Hub ids only; a local starting point is not one.
                 base_model=None if Path(str(args.pretrained_model_name_or_path)).exists() else args.pretrained_model_name_or_path,
-                training_data="precomputed caches: " + ", ".join(map(str, args.precomputed_dataset)),
+                training_data=training_data or "precomputed caches: " + ", ".join(map(str, args.precomputed_dataset)),
                 cost=self.cost.as_dict(planned),
                 sample_images=samples,
                 sample_prompts=args.validation_prompts if samples else None,
@@ -424,8 +425,15 @@ class DiffusionTrainer:
             summary = self.cost.summary(planned)
             (self.output_dir / "cost.txt").write_text(summary + "\n")
             accelerator.print(summary)
-            accelerator.print(f"Saved the trained pipeline to {folder}")
+            accelerator.print(f"Saved the training output to {folder}")
             if args.push_to_hub:
                 accelerator.print(f"Pushed to the Hub: {push_folder_to_hub(folder, repo_id, commit_message='End of training')}")
         accelerator.end_training()
-        return pipeline
+        return folder
+
+    def save_output(self, model: torch.nn.Module, build_pipeline: Callable, **card) -> Path:
+        """Write the trained pipeline with a model card (`hub.save_pipeline_with_card` arguments in `card`) to
+        `output_dir/pipeline`; LoRA training writes its adapter instead."""
+        from ..hub import save_pipeline_with_card
+
+        return save_pipeline_with_card(build_pipeline(model), self.output_dir / "pipeline", **card)

@@ -1,0 +1,61 @@
+"""What every PixArt-Σ-family training script shares (KV finetuning, LiT distillation, LoRA): the DDPM noise
+scheduler, the unconditional caption for caption dropout, cache checks, and moving a model to a new resolution."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+from diffusers.models.embeddings import PatchEmbed
+
+
+def training_noise_scheduler(pipeline: PixArtSigmaPipeline) -> DDPMScheduler:
+    """The DDPM schedule of the pipeline's scheduler config (1000 linear betas for PixArt-Σ), for training."""
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    if noise_scheduler.config.prediction_type != "epsilon":
+        prediction = noise_scheduler.config.prediction_type
+        raise SystemExit(f"PixArt-Sigma predicts epsilon, but the pipeline's scheduler is set to {prediction!r}.")
+    return noise_scheduler
+
+
+@torch.no_grad()
+def null_caption(pipeline: PixArtSigmaPipeline, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings (L, D), attention mask (L,)) of the unconditional caption `PixArtSigmaPipeline` feeds for
+    classifier-free guidance: the T5 encoding of its default negative prompt "" padded to `length` tokens."""
+    _, _, embeds, mask = pipeline.encode_prompt(
+        "", do_classifier_free_guidance=True, negative_prompt="", max_sequence_length=length, device="cpu"
+    )
+    return embeds[0].float(), mask[0].long()
+
+
+def check_cache_fits(first_row: dict, transformer: PixArtTransformer2DModel) -> None:
+    """Refuse caches encoded by another VAE or text encoder before any step runs."""
+    channels = int(first_row["latents_shape"][0]) if "latents_shape" in first_row else first_row["latents"].shape[0]
+    if "prompt_attention_mask" not in first_row:
+        raise SystemExit("The cache has no T5 attention masks: precompute it from a PixArt-Sigma pipeline.")
+    if channels != transformer.config.in_channels:
+        raise SystemExit(
+            f"The cached latents have {channels} channels, the transformer takes {transformer.config.in_channels}: "
+            "precompute the cache with the VAE you train with (precompute_embeddings.py --vae)."
+        )
+    if first_row["prompt_embeds"].shape[-1] != transformer.config.caption_channels:
+        raise SystemExit(
+            f"The cached caption embeddings have width {first_row['prompt_embeds'].shape[-1]}, the transformer takes "
+            f"{transformer.config.caption_channels}: precompute the cache with this pipeline's text encoder."
+        )
+
+
+def move_to_resolution(transformer: PixArtTransformer2DModel, resolution: int, vae_scale_factor: int) -> None:
+    """Set the transformer's native size to `resolution` px, as PixArt-Sigma's 256 -> 512 -> 1K -> 2K steps do: the
+    latent `sample_size` follows, and `interpolation_scale = resolution / 512` keeps the sin-cos positions in the
+    512-px model's coordinate range. The patch projection's weights are kept; the positions are rebuilt."""
+    config = transformer.config
+    sample_size, scale = resolution // vae_scale_factor, resolution / 512
+    transformer.register_to_config(sample_size=sample_size, interpolation_scale=scale)
+    old = transformer.pos_embed
+    new = PatchEmbed(
+        height=sample_size, width=sample_size, patch_size=config.patch_size, in_channels=config.in_channels,
+        embed_dim=transformer.inner_dim, interpolation_scale=scale,
+    )
+    new.proj.load_state_dict(old.proj.state_dict())
+    transformer.pos_embed = new.to(old.proj.weight.device)
+    transformer.height = transformer.width = sample_size
