@@ -58,8 +58,8 @@ TRANSFORMER = dict(
 # (name, mask ratio, optimizer steps, learning rate, LR schedule). Stage 2 decays the LR linearly to 0, which
 # turns its last steps into an annealing phase; a masked step costs about 0.55 of an unmasked one here.
 STAGES = (
-    ("stage1-masked", 0.75, 4000, 1e-3, "constant_with_warmup"),
-    ("stage2-unmasked", 0.0, 2000, 1e-3, "linear"),
+    ("stage1-masked", 0.75, 3600, 1e-3, "constant_with_warmup"),
+    ("stage2-unmasked", 0.0, 1800, 1e-3, "linear"),
 )
 
 

@@ -264,3 +264,46 @@ def test_pushed_repos_load_with_diffusion_pipeline_in_a_fresh_process(published,
     assert "someone/tiny-pixart_kv PixArtSigmaKVPipeline PixArtSigmaKVTransformer2DModel" in result.stdout
     for family in PIPELINE_FAMILIES:
         np.testing.assert_allclose(np.load(tmp_path / f"{family}.npy"), published[family][1], atol=1e-5, rtol=0)
+
+
+LORA_LOAD_SCRIPT = """
+import sys
+import numpy as np, torch
+import diffusers_microdit
+from diffusers import DiffusionPipeline
+
+base, repo_id, out = sys.argv[1:]
+pipe = DiffusionPipeline.from_pretrained(base)
+pipe.set_progress_bar_config(disable=True)
+pipe.load_lora_weights(repo_id)
+np.save(out, pipe(generator=torch.manual_seed(0), prompt="a red circle", num_inference_steps=2, output_type="np").images)
+"""
+
+
+def test_lora_folder_publishes_and_loads_by_repo_id(fake_hub, tmp_path):
+    from peft import LoraConfig
+
+    from diffusers_microdit.hub import save_lora_with_card
+
+    pipe = tiny_family_pipeline("microdit")
+    pipe.save_pretrained(tmp_path / "base")
+    pipe.transformer.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    images = pipe(generator=torch.manual_seed(0), prompt="a red circle", num_inference_steps=2, output_type="np").images
+    folder = save_lora_with_card(
+        pipe, tmp_path / "lora", repo_id="someone/tiny-lora", base_model="someone/tiny-microdit",
+        training_data="Three origami photos.", sample_images=[sample_image(0)], sample_prompts=["an origami crane"],
+    )
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "apache-2.0" and "lora" in card.data.tags
+    assert "Rank 2, alpha 4" in card.text and 'pipe.load_lora_weights("someone/tiny-lora")' in card.text
+
+    env = hub_env(fake_hub, tmp_path)
+    push = [sys.executable, str(REPO_ROOT / "scripts" / "push_to_hub.py"), str(folder), "--repo_id", "someone/tiny-lora"]
+    result = subprocess.run(push, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "pytorch_lora_weights.safetensors" in fake_hub.repos["someone/tiny-lora"]["files"]
+    out = tmp_path / "lora.npy"
+    load = [sys.executable, "-c", LORA_LOAD_SCRIPT, str(tmp_path / "base"), "someone/tiny-lora", str(out)]
+    result = subprocess.run(load, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    np.testing.assert_allclose(np.load(out), images, atol=1e-5, rtol=0)
