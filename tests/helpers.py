@@ -155,3 +155,20 @@ def tiny_family_call_kwargs(family: str) -> dict:
     from test_pixart_kv import GENERATE
 
     return dict(prompt="a photo of a red cat", height=32, width=48, use_resolution_binning=False, **GENERATE)
+
+
+def train_on_fixed_batch(model: torch.nn.Module, compute_loss, batch: dict, steps: int) -> list[float]:
+    """`steps` AdamW steps (lr 1e-3) of a training script's `compute_loss` on one batch with the same random draws
+    every step; returns the losses."""
+    from diffusers_microdit.training.trainer import BatchRandomness
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch_size = len(batch["latents"])
+    losses = []
+    for _ in range(steps):
+        loss = compute_loss(model, batch, BatchRandomness(0, 0, 0, 1, batch_size, "cpu"))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -7,21 +7,13 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    PixArtTransformer2DModel,
-)
+from diffusers import DiffusionPipeline, PixArtTransformer2DModel
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention_processor import AttnProcessor2_0
 from helpers import randomize_
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
+from test_pixart_kv import GENERATE, generate, single_thread, tiny_pixart_components  # noqa: F401 (autouse fixture)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 import diffusers_microdit  # noqa: F401  (registers the package's pipelines with diffusers)
 from diffusers_microdit.models.transformer_lit import (
@@ -47,15 +39,6 @@ TINY_CONFIG = dict(
     use_additional_conditions=False,
 )
 SELF_ATTENTION_PARAMETERS = ("to_q", "to_k", "to_v", "to_out.0", "value_conv")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models: intra-op threads buy nothing and wait on a loaded machine. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_pixart(seed: int = 0, **overrides) -> PixArtTransformer2DModel:
@@ -348,50 +331,12 @@ def test_model_argument_errors():
 # ---------------------------------------------------------------------------------------------- pipeline
 
 
-def tiny_t5_tokenizer() -> PreTrainedTokenizerFast:
-    words = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "cat", "dog", "on", "the", "moon", "photo", "of"]
-    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=16
-    )
-
-
 def tiny_lit_components() -> dict:
-    tokenizer = tiny_t5_tokenizer()
-    torch.manual_seed(0)
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
-    ).eval()
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),  # vae_scale_factor 8, as the SDXL VAE
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=4,
-        sample_size=32,
-    ).eval()
+    """The tiny PixArt-Σ pipeline components of test_pixart_kv with a LiT transformer."""
     # sample_size 32 selects diffusers' 256-px aspect-ratio bins.
     teacher = tiny_pixart(sample_size=32, interpolation_scale=0.5)
     transformer = randomize_(LiTTransformer2DModel.from_pixart(teacher), seed=5)
-    return dict(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        transformer=transformer,
-        scheduler=DPMSolverMultistepScheduler(),
-    )
-
-
-GENERATE = dict(num_inference_steps=2, max_sequence_length=8, clean_caption=False, output_type="np")
-
-
-def generate(pipe, **kwargs):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe("a photo of a red cat", generator=torch.manual_seed(0), **{**GENERATE, **kwargs}).images
+    return {**tiny_pixart_components(), "transformer": transformer}
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import types
 import pytest
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
-from helpers import randomize_
-from test_pixart_kv import TINY_CONFIG, tiny_pixart_components
+from helpers import randomize_, train_on_fixed_batch
+from test_pixart_kv import TINY_CONFIG, single_thread, tiny_pixart_components  # noqa: F401 (autouse fixture)
 from test_train_microdit import final_weights, load_example, run_script
 
 import diffusers_microdit  # noqa: F401
@@ -19,21 +19,11 @@ from diffusers_microdit import LiTPipeline, LiTTransformer2DModel
 from diffusers_microdit.data.shapes import build_shapes_dataset
 from diffusers_microdit.training.data import load_precomputed, precompute_embeddings
 from diffusers_microdit.training.losses import lit_distillation_loss, pixart_sigma_loss
-from diffusers_microdit.training.pixart import null_caption
-from diffusers_microdit.training.trainer import BatchRandomness
+from diffusers_microdit.training.pixart import null_caption, training_noise_scheduler
 
 # A "256-px" PixArt-Σ (latents 32x32, 4 -> 8 channels), 2 blocks of width 16.
 TEACHER_CONFIG = {**TINY_CONFIG, "num_layers": 2, "sample_size": 32, "interpolation_scale": 0.5}
 LOSS_TERMS = ("diffusion", "kd_noise", "kd_variance")  # LiTDistillationTerms, as logged to the trackers
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models: intra-op threads buy nothing and wait on a loaded machine. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -152,17 +142,8 @@ def test_kd_terms_decrease_on_a_fixed_batch(workspace, tmp_path):
     null = null_caption(pipeline, batch["prompt_embeds"].shape[1])
     recorded = []
     log = types.SimpleNamespace(add=recorded.append)
-    compute_loss = script.make_compute_loss(
-        pipeline.transformer, DDPMScheduler.from_config(pipeline.scheduler.config), *null, args, log=log
-    )
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(20):
-        loss = compute_loss(student, batch, BatchRandomness(0, 0, 0, 1, 4, "cpu"))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    compute_loss = script.make_compute_loss(pipeline.transformer, training_noise_scheduler(pipeline), *null, args, log=log)
+    losses = train_on_fixed_batch(student, compute_loss, batch, 20)
     first, last = (dict(zip(LOSS_TERMS, (t.mean().item() for t in recorded[i]))) for i in (0, -1))
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}\nfirst terms {first}\nlast terms  {last}")
     assert last["kd_noise"] < 0.3 * first["kd_noise"] and last["kd_variance"] < 0.3 * first["kd_variance"]

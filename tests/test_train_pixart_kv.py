@@ -14,7 +14,7 @@ import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
 from diffusers import DDPMScheduler, DiffusionPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
-from helpers import randomize_
+from helpers import randomize_, train_on_fixed_batch
 from PIL import Image
 from test_pixart_kv import TINY_CONFIG, single_thread, tiny_pixart_components  # noqa: F401  (autouse fixture)
 from test_train_microdit import final_weights, load_example, run_script
@@ -29,8 +29,7 @@ from diffusers_microdit.training.data import (
     load_precomputed_buckets,
 )
 from diffusers_microdit.training.losses import learned_sigma_loss_terms, pixart_objective, variational_bound_bits
-from diffusers_microdit.training.pixart import move_to_resolution, null_caption
-from diffusers_microdit.training.trainer import BatchRandomness
+from diffusers_microdit.training.pixart import move_to_resolution, null_caption, training_noise_scheduler
 
 BASE_CONFIG = {**TINY_CONFIG, "sample_size": 32, "interpolation_scale": 0.5}  # a "256-px" PixArt-Σ, 4 -> 8 channels
 CAPTIONS = ("a red cat", "a blue dog", "a photo of a cat on the moon", "the red dog")
@@ -168,17 +167,9 @@ def test_loss_decreases_on_a_fixed_batch(workspace, tmp_path):
     assert transformer.kv_compressed_layers == [1, 2]
     rows = load_precomputed([str(workspace["cache"])], 256)
     batch = torch.utils.data.default_collate([rows[i] for i in range(4)])
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     null = null_caption(pipeline, batch["prompt_embeds"].shape[1])
-    compute_loss = pixart_objective(noise_scheduler, *null, caption_dropout=0.25)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(30):
-        loss = compute_loss(transformer, batch, BatchRandomness(0, 0, 0, 1, 4, "cpu"))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    compute_loss = pixart_objective(training_noise_scheduler(pipeline), *null, caption_dropout=0.25)
+    losses = train_on_fixed_batch(transformer, compute_loss, batch, 30)
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.5 * losses[0]
