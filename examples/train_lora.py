@@ -27,7 +27,6 @@ Output in --output_dir: `pytorch_lora_weights.safetensors` and a model card (REA
 import argparse
 from pathlib import Path
 
-import torch
 from diffusers import DiffusionPipeline, PixArtSigmaPipeline
 
 import diffusers_microdit  # noqa: F401  (registers the package's classes with diffusers)
@@ -111,8 +110,7 @@ def load_pipeline(args) -> DiffusionPipeline:
     transformer = transformer_class.from_pretrained(path, subfolder="transformer", revision=revision, variant=variant)
     for frozen in (base.vae, base.text_encoder):
         frozen.requires_grad_(False).eval()
-    components = {name: component for name, component in base.components.items() if name != "transformer"}
-    return pipeline_class(transformer=transformer, **components)
+    return pipeline_class(**{**base.components, "transformer": transformer})
 
 
 def encode_raw_data(args, pipeline, trainer: LoraTrainer) -> None:
@@ -176,8 +174,7 @@ def main(argv=None) -> None:
     )
 
     def build_pipeline(model) -> DiffusionPipeline:
-        components = {name: c for name, c in pipeline.components.items() if name != "transformer"}
-        return type(pipeline)(transformer=model, **components)
+        return type(pipeline)(**{**pipeline.components, "transformer": model})
 
     trainer.prepare(transformer, dataset, compute_loss, collate_fn, batch_sampler)
     trainer.train(build_pipeline)
