@@ -96,6 +96,11 @@ def test_precompute_skips_corrupt_and_captionless_rows_and_resumes(workspace, tm
     assert first.stat().st_mtime_ns == first_mtime
     assert second.read_bytes() == second_bytes
 
+    # Adding to a cache encoded with other settings would mix shards that do not match: refused.
+    other = [value if value != 16 else 24 for value in args]
+    result = run_script("precompute_embeddings.py", *other, check=False)
+    assert result.returncode != 0 and "encoded with other settings (resolutions differ" in result.stderr
+
 
 def test_train_writes_loadable_pipeline(workspace, tmp_path):
     out = tmp_path / "run"

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 CACHE_INFO = "precompute.json"
+ENCODER_SETTINGS = "encoder.json"  # what the cache was encoded with; a resumed run must match it
 SHARD_PATTERN = "shard-{:05d}.parquet"
 
 # diffusers' PixArt aspect-ratio buckets by base size: {"height/width": [height, width]} in pixels.
@@ -179,6 +180,41 @@ def encode_captions(pipeline, captions: list[str]) -> dict[str, torch.Tensor]:
     return {"prompt_embeds": encoded[0]}
 
 
+def encoder_settings(pipeline, resolutions: Sequence[int], aspect_ratio_buckets: Sequence[int]) -> dict:
+    """What decides a cache's contents: the VAE and text encoder (class and configuration, without paths or
+    versions), the tokenizer's length and the encoded sizes. JSON-normalised, so it compares with a stored copy."""
+
+    def described(component) -> dict:
+        config = component.config if isinstance(component.config, dict) else component.config.to_dict()
+        kept = {key: value for key, value in config.items() if not key.startswith("_") and key != "transformers_version"}
+        return {"class": type(component).__name__, **kept}
+
+    settings = {
+        "vae": described(pipeline.vae),
+        "text_encoder": described(pipeline.text_encoder),
+        "tokenizer_max_length": pipeline.tokenizer.model_max_length,
+        "resolutions": list(resolutions),
+        "aspect_ratio_buckets": list(aspect_ratio_buckets),
+    }
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _check_resumable(output_dir: Path, settings: dict) -> None:
+    """Record `settings` for a new cache; refuse to add to a cache encoded with other settings."""
+    path = output_dir / ENCODER_SETTINGS
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored != settings:
+            differ = sorted(key for key in settings.keys() | stored.keys() if settings.get(key) != stored.get(key))
+            raise ValueError(
+                f"{output_dir} holds a cache encoded with other settings ({', '.join(differ)} differ, see "
+                f"{path.name}): write this one to a new output folder, or delete that one."
+            )
+    elif any(output_dir.glob("shard-*.parquet*")):
+        raise ValueError(f"{output_dir} holds cache shards of unknown origin: use a new output folder or delete it.")
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def encode_distinct_captions(pipeline, captions: list[str], batch_size: int) -> dict[str, list[np.ndarray]]:
     """`encode_captions` of every caption as float16 / int8 arrays by column, each distinct caption encoded once
     (captions repeat: the 40k shapes images have about 3.5k distinct captions)."""
@@ -228,7 +264,8 @@ def precompute_embeddings(
     and centre-cropped to its closest bucket (`bucket_latents_column`, flattened, with `bucket_shape_column`).
 
     Resumable: shard k holds the source rows [k * shard_size, (k + 1) * shard_size) and is written atomically, so a
-    rerun skips the finished shards and redoes at most the one that was interrupted. Rows whose image cannot be
+    rerun skips the finished shards and redoes at most the one that was interrupted; a rerun with another VAE, text
+    encoder or set of sizes is refused, since its shards would not match the finished ones. Rows whose image cannot be
     decoded or whose caption is missing or empty are skipped and counted, never fatal. Returns the statistics that
     are also written to `output_dir/precompute.json`.
     """
@@ -238,6 +275,7 @@ def precompute_embeddings(
         closest_aspect_ratio_bucket(1, 1, base_size)  # fails early, naming the valid base sizes
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    _check_resumable(output_dir, encoder_settings(pipeline, resolutions, aspect_ratio_buckets))
     columns = set(source.column_names or [])
     if columns and not {image_column, caption_column} <= columns:
         raise ValueError(
