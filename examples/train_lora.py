@@ -20,7 +20,8 @@ variational bound for PixArt-Sigma, KV-PixArt and LiT. Only the LoRA weights tra
 the frozen base in the mixed-precision dtype); see diffusers_microdit/loaders/lora.py for which layers are adapted.
 
 Output in --output_dir: `pytorch_lora_weights.safetensors` and a model card (README.md), loadable with
-`pipe.load_lora_weights(output_dir)`; checkpoints hold the adapter, optimizer and schedule
+`pipe.load_lora_weights(output_dir)`; each checkpoint-N folder holds the adapter the same way (so
+`pipe.load_lora_weights(output_dir/checkpoint-N)` tries an intermediate step) with the optimizer and schedule
 (--resume_from_checkpoint latest); --push_to_hub uploads the adapter and card.
 """
 

@@ -11,7 +11,7 @@ Examples:
         --training_data "Embedded shapes dataset (1k synthetic images)" --cost "CPU hours=0.1" \
         --sample_prompt "Image of an astronaut riding a horse in Origami style"
 
-The endpoint and token follow `HF_ENDPOINT` and `HF_TOKEN` / `huggingface-cli login` (or pass `--token`).
+The endpoint and token follow `HF_ENDPOINT` and `HF_TOKEN` / `hf auth login` (or pass `--token`).
 """
 
 from __future__ import annotations

@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from diffusers_microdit import (
     EDMHeunScheduler,
+    LiTPipeline,
+    LiTTransformer2DModel,
     MicroDiTPipeline,
     MicroDiTTransformer2DModel,
+    PixArtSigmaKVPipeline,
+    PixArtSigmaKVTransformer2DModel,
     configure_openclip_tokenizer,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+# Golden outputs of the original implementations, copied byte for byte into the repository (test_fixtures.py
+# checks the copy), so a clone passes its tests on its own.
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
 MICRODIT_FIXTURES = FIXTURES / "microdit"
 
 
@@ -118,6 +131,75 @@ def tiny_pipeline(transformer: MicroDiTTransformer2DModel | None = None) -> Micr
     return pipe
 
 
+# ---------------------------------------------------------------------------------------------- PixArt family
+
+NO_EXTRA_CONDITIONS = {"resolution": None, "aspect_ratio": None}
+
+TINY_PIXART_CONFIG = dict(
+    sample_size=8,
+    num_layers=3,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=4,
+    out_channels=8,
+    cross_attention_dim=16,
+    caption_channels=8,
+    interpolation_scale=1.0,
+    use_additional_conditions=False,
+)
+
+
+def tiny_t5_tokenizer() -> PreTrainedTokenizerFast:
+    words = ["<pad>", "</s>", "<unk>", "a", "an", "red", "blue", "cat", "dog", "on", "the", "moon", "photo", "of"]
+    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=16
+    )
+
+
+def tiny_pixart_components() -> dict:
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),  # vae_scale_factor 8, as the SDXL VAE
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=32,
+    ).eval()
+    # sample_size 32 selects diffusers' 256-px aspect-ratio bins (PixArt-Σ 256 uses interpolation scale 0.5).
+    transformer = PixArtSigmaKVTransformer2DModel(
+        **{**TINY_PIXART_CONFIG, "sample_size": 32, "interpolation_scale": 0.5}, kv_compress_layers=[1, 2]
+    )
+    randomize_(transformer, seed=3).eval()
+    return dict(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+
+
+GENERATE = dict(num_inference_steps=2, max_sequence_length=8, clean_caption=False, output_type="np")
+
+
+def generate(pipe, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a photo of a red cat", generator=torch.manual_seed(0), **{**GENERATE, **kwargs}).images
+
+
+
+# ---------------------------------------------------------------------------------------------- every family
+
 # Every pipeline family of the package, for tests that run the same checks on each (LoRA, Hub, Space).
 PIPELINE_FAMILIES = ("microdit", "pixart_kv", "lit")
 
@@ -127,18 +209,10 @@ def tiny_family_pipeline(family: str):
     if family == "microdit":
         return tiny_pipeline()
     if family == "pixart_kv":
-        from test_pixart_kv import tiny_pixart_components  # the PixArt builders live with the PixArt tests
-
-        from diffusers_microdit import PixArtSigmaKVPipeline
-
         pipe = PixArtSigmaKVPipeline(**tiny_pixart_components())
         pipe.set_progress_bar_config(disable=True)
         return pipe
     if family == "lit":
-        from test_pixart_kv import tiny_pixart_components
-
-        from diffusers_microdit import LiTPipeline, LiTTransformer2DModel
-
         components = tiny_pixart_components()
         torch.manual_seed(0)
         components["transformer"] = LiTTransformer2DModel.from_pixart(components["transformer"])
@@ -148,12 +222,28 @@ def tiny_family_pipeline(family: str):
     raise ValueError(f"Unknown pipeline family {family!r}; known: {PIPELINE_FAMILIES}.")
 
 
+def add_random_lora(pipe, family: str, adapter_name: str = "style") -> None:
+    """Give `pipe.transformer` a LoRA (rank 4, alpha 8) on the family's default targets whose B matrices are random
+    too (peft's default zero B would leave the outputs unchanged)."""
+    from peft import LoraConfig
+
+    from diffusers_microdit.loaders import MICRODIT_LORA_TARGET_MODULES, PIXART_LORA_TARGET_MODULES
+
+    targets = MICRODIT_LORA_TARGET_MODULES if family == "microdit" else PIXART_LORA_TARGET_MODULES
+    torch.manual_seed(7)
+    # lora_alpha != r: a loader that lost the saved config would scale the update differently.
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False)
+    pipe.transformer.add_adapter(config, adapter_name=adapter_name)
+    with torch.no_grad():
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.3)  # keep the update moderate so the decoded images do not saturate
+
+
 def tiny_family_call_kwargs(family: str) -> dict:
     """JSON-able `__call__` arguments for a fast numpy-image generation with `tiny_family_pipeline(family)`."""
     if family == "microdit":
         return dict(prompt="a red circle", num_inference_steps=2, output_type="np")
-    from test_pixart_kv import GENERATE
-
     return dict(prompt="a photo of a red cat", height=32, width=48, use_resolution_binning=False, **GENERATE)
 
 
@@ -172,3 +262,27 @@ def train_on_fixed_batch(model: torch.nn.Module, compute_loss, batch: dict, step
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+# ---------------------------------------------------------------------------------------------- example scripts
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_script(script: str, *args, launcher=(sys.executable,), check=True, env=None) -> subprocess.CompletedProcess:
+    command = [*launcher, str(REPO_ROOT / "examples" / script), *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env or ENV, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -18,10 +18,10 @@ import torch
 from helpers import PIPELINE_FAMILIES, REPO_ROOT, tiny_family_call_kwargs, tiny_family_pipeline
 from huggingface_hub import ModelCard
 from PIL import Image
-from test_pixart_kv import single_thread  # noqa: F401 (autouse fixture: one intra-op thread for tiny models)
 
-from diffusers_microdit.hub import push_folder_to_hub, save_pipeline_with_card
+from diffusers_microdit.hub import INSTALL_COMMAND, push_folder_to_hub, save_pipeline_with_card
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one intra-op thread
 LICENCES = {
     "microdit": ("apache-2.0", "Apache-2.0"),
     "pixart_kv": ("openrail++", "Open RAIL++-M"),
@@ -197,6 +197,43 @@ def test_card_states_licences_data_cost_and_samples(published, family):
         assert text in card.text, text
     assert Image.open(folder / "samples" / "sample_1.png").size == (16, 16)
     assert not list(folder.rglob("*.bin")), "weights must be safetensors"
+
+
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
+def test_card_code_starts_with_the_import_and_gives_the_install_that_works(published, family):
+    card = ModelCard.load(published[family][0] / "README.md")
+    first_code_line = card.text.split("```python\n", 1)[1].splitlines()[0]
+    assert first_code_line.startswith("import diffusers_microdit  #")
+    assert INSTALL_COMMAND in card.text and "git+https://" in INSTALL_COMMAND
+    assert "pip install diffusers-microdit\n" not in card.text  # not on PyPI
+    assert card.data.inference is False  # the Hub's hosted inference cannot run these classes
+    assert "torch_dtype" not in card.text
+
+
+REMOTE_CODE_LOAD = """
+import sys
+from diffusers import DiffusionPipeline  # no `import diffusers_microdit`
+
+try:
+    DiffusionPipeline.from_pretrained(sys.argv[1])
+except ValueError as error:
+    print("refused:", error)
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+print(type(pipe).__name__, type(pipe.transformer).__name__)
+"""
+
+
+def test_remote_code_option_loads_without_the_import(tmp_path):
+    folder = save_pipeline_with_card(tiny_family_pipeline("microdit"), tmp_path / "rc", remote_code=True)
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == ["pipeline", "MicroDiTPipeline"]
+    assert "trust_remote_code=True" in (folder / "README.md").read_text()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_LOAD, str(folder)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "refused:" in result.stdout and "trust_remote_code=True" in result.stdout
+    assert "MicroDiTPipeline MicroDiTTransformer2DModel" in result.stdout
 
 
 @pytest.mark.parametrize("family", PIPELINE_FAMILIES)

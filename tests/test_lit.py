@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline, PixArtTransformer2DModel
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention_processor import AttnProcessor2_0
-from helpers import randomize_
-from test_pixart_kv import GENERATE, generate, single_thread, tiny_pixart_components  # noqa: F401 (autouse fixture)
+from helpers import GENERATE, NO_EXTRA_CONDITIONS, TINY_PIXART_CONFIG, generate, randomize_, tiny_pixart_components
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -25,19 +24,8 @@ from diffusers_microdit.models.transformer_lit import (
 from diffusers_microdit.models.transformer_pixart_kv import PixArtSigmaKVTransformer2DModel
 from diffusers_microdit.pipelines.pipeline_lit import LiTPipeline
 
-NO_EXTRA_CONDITIONS = {"resolution": None, "aspect_ratio": None}
-TINY_CONFIG = dict(
-    sample_size=8,
-    num_layers=2,
-    num_attention_heads=2,
-    attention_head_dim=8,
-    in_channels=4,
-    out_channels=8,
-    cross_attention_dim=16,
-    caption_channels=8,
-    interpolation_scale=1.0,
-    use_additional_conditions=False,
-)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one intra-op thread
+TINY_CONFIG = {**TINY_PIXART_CONFIG, "num_layers": 2}
 SELF_ATTENTION_PARAMETERS = ("to_q", "to_k", "to_v", "to_out.0", "value_conv")
 
 
@@ -283,8 +271,9 @@ def test_processors_are_swappable_but_must_take_the_grid():
 
     processors = model.attn_processors
     assert isinstance(processors["transformer_blocks.0.attn1.processor"], LiTLinearAttnProcessor)
-    with pytest.raises(NotImplementedError, match="softmax"):
-        model.fuse_qkv_projections()
+    model.fuse_qkv_projections()  # fused q/k/v keep the linear attention (see test_model_contracts.py)
+    assert isinstance(model.attn_processors["transformer_blocks.0.attn1.processor"], LiTLinearAttnProcessor)
+    torch.testing.assert_close(run(model, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_checkpointing_gives_same_gradients():

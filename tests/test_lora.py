@@ -1,38 +1,30 @@
 """peft LoRA through the pipelines' TransformerLoraLoaderMixin, for every pipeline family of the package."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 from diffusers import PixArtTransformer2DModel
-from helpers import PIPELINE_FAMILIES, tiny_family_call_kwargs, tiny_family_pipeline
-from peft import LoraConfig
+from helpers import (
+    PIPELINE_FAMILIES,
+    TINY_PIXART_CONFIG,
+    add_random_lora,
+    tiny_family_call_kwargs,
+    tiny_family_pipeline,
+    tiny_pixart_components,
+)
 from peft.utils import get_peft_model_state_dict
-from test_pixart_kv import TINY_CONFIG, single_thread, tiny_pixart_components  # noqa: F401 (autouse fixture)
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from diffusers_microdit import PixArtSigmaKVPipeline
-from diffusers_microdit.loaders import MICRODIT_LORA_TARGET_MODULES, PIXART_LORA_TARGET_MODULES
 
-TARGET_MODULES = {
-    "microdit": MICRODIT_LORA_TARGET_MODULES,
-    "pixart_kv": PIXART_LORA_TARGET_MODULES,
-    "lit": PIXART_LORA_TARGET_MODULES,
-}
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one intra-op thread
 
 
 def generate(pipe, family) -> np.ndarray:
     return pipe(generator=torch.manual_seed(0), **tiny_family_call_kwargs(family)).images
-
-
-def add_random_lora(pipe, family, adapter_name="style"):
-    """A LoRA whose B matrices are random too (peft's default zero B would leave the outputs unchanged)."""
-    torch.manual_seed(7)
-    # lora_alpha != r: a loader that lost the saved config would scale the update differently.
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGET_MODULES[family]), init_lora_weights=False)
-    pipe.transformer.add_adapter(config, adapter_name=adapter_name)
-    with torch.no_grad():
-        for name, param in pipe.transformer.named_parameters():
-            if "lora_B" in name:
-                param.mul_(0.3)  # keep the update moderate so the decoded images do not saturate
 
 
 def assert_same(actual, expected, atol=1e-5):
@@ -120,7 +112,74 @@ def test_model_level_lora_files_load_too(family, saved_lora, tmp_path):
 
     fresh = tiny_family_pipeline(family)
     fresh.load_lora_weights(tmp_path, adapter_name="style")
+    assert fresh.transformer.peft_config["style"].lora_alpha == 8
     assert_same(generate(fresh, family), lora_images)
+
+
+@pytest.fixture(scope="module")
+def model_level_state_dict(family, saved_lora):
+    """The saved LoRA with un-prefixed keys, as `transformer.save_lora_adapter` writes them."""
+    state_dict = type(tiny_family_pipeline(family)).lora_state_dict(saved_lora[0])
+    return {key.removeprefix("transformer."): value for key, value in state_dict.items()}
+
+
+NO_TRANSFORMER_KEYS = "No LoRA keys associated to"
+
+
+def test_loras_of_other_components_load_nothing(family, base_images, model_level_state_dict, caplog):
+    """Keys of other components (diffusers' `text_encoder.`/`unet.` files) or of modules this transformer lacks are
+    skipped with diffusers' log line, not an IndexError from peft."""
+    foreign_files = {
+        "text_encoder": {
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 32),
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(32, 4),
+        },
+        "unet": {
+            "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.ones(4, 8),
+            "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.ones(8, 4),
+        },
+        "unknown modules": {f"ghost.{key}": value for key, value in model_level_state_dict.items()},
+    }
+    pipe = tiny_family_pipeline(family)
+    class_name = type(pipe.transformer).__name__
+    for name, state_dict in foreign_files.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            pipe.load_lora_weights(state_dict)
+        assert f"{NO_TRANSFORMER_KEYS} {class_name} found with the prefix='transformer'" in caplog.text, name
+        assert pipe.get_list_adapters() == {}, name
+        assert not getattr(pipe.transformer, "peft_config", None), name
+    assert_same(generate(pipe, family), base_images, atol=0)
+
+
+def test_transformer_part_of_a_mixed_file_loads(family, saved_lora, tmp_path, caplog):
+    folder, lora_images = saved_lora
+    with safe_open(folder / "pytorch_lora_weights.safetensors", "pt") as saved:
+        mixed = {key: saved.get_tensor(key) for key in saved.keys()}
+        header = saved.metadata()  # keeps the adapter config, so the strength matches
+    mixed["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.ones(4, 32)
+    save_file(mixed, tmp_path / "pytorch_lora_weights.safetensors", metadata=header)
+
+    pipe = tiny_family_pipeline(family)
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(tmp_path, adapter_name="style")
+    assert "Ignoring 1 LoRA keys not for the transformer" in caplog.text
+    assert NO_TRANSFORMER_KEYS not in caplog.text
+    assert pipe.get_list_adapters() == {"transformer": ["style"]}
+    assert_same(generate(pipe, family), lora_images)
+
+
+def test_unprefixed_keys_that_only_partly_fit_are_refused(family, model_level_state_dict):
+    """Half a LoRA for a transformer of another configuration must not load silently."""
+    first_module = next(iter(model_level_state_dict)).split(".lora_")[0]
+    partial = {
+        (f"ghost.{key}" if key.startswith(f"{first_module}.") else key): value
+        for key, value in model_level_state_dict.items()
+    }
+    pipe = tiny_family_pipeline(family)
+    with pytest.raises(ValueError, match=r"1 of the \d+ modules this LoRA adapts are not in"):
+        pipe.load_lora_weights(partial)
+    assert pipe.get_list_adapters() == {}
 
 
 def test_loader_errors_say_what_is_wrong(tmp_path):
@@ -131,7 +190,7 @@ def test_loader_errors_say_what_is_wrong(tmp_path):
     with pytest.raises(TypeError, match="Unexpected arguments"):
         PixArtSigmaKVPipeline.lora_state_dict(tmp_path, adapter="x")
 
-    components = {**tiny_pixart_components(), "transformer": PixArtTransformer2DModel(**TINY_CONFIG)}
+    components = {**tiny_pixart_components(), "transformer": PixArtTransformer2DModel(**TINY_PIXART_CONFIG)}
     plain = PixArtSigmaKVPipeline(**components)
     with pytest.raises(TypeError, match="PeftAdapterMixin"):
         plain.load_lora_weights({"transformer.a.lora_A.weight": torch.zeros(1, 1)})

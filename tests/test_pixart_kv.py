@@ -6,22 +6,19 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    PixArtSigmaPipeline,
-    PixArtTransformer2DModel,
-)
+from diffusers import DiffusionPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
 from diffusers.models.attention_dispatch import attention_backend
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.modeling_utils import no_init_weights
-from helpers import FIXTURES, randomize_
+from helpers import (
+    FIXTURES,
+    NO_EXTRA_CONDITIONS,
+    TINY_PIXART_CONFIG,
+    generate,
+    randomize_,
+    tiny_pixart_components,
+)
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
-from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 import diffusers_microdit  # noqa: F401  (registers the package's pipelines with diffusers)
 from diffusers_microdit.models.transformer_pixart_kv import (
@@ -33,20 +30,10 @@ from diffusers_microdit.models.transformer_pixart_kv import (
 from diffusers_microdit.pipelines.pipeline_pixart_kv import PixArtSigmaKVPipeline
 
 PIXART_KV_FIXTURES = FIXTURES / "pixart_kv"
-NO_EXTRA_CONDITIONS = {"resolution": None, "aspect_ratio": None}
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one intra-op thread
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The models here are tiny: intra-op threads buy nothing, and on a loaded machine every parallel op would wait
-    for a descheduled worker thread. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def assert_close(actual, expected, tol, name):
@@ -73,23 +60,9 @@ def fixture_forward(model, io, rows=slice(None), x_key="x"):
         ).sample
 
 
-TINY_CONFIG = dict(
-    sample_size=8,
-    num_layers=3,
-    num_attention_heads=2,
-    attention_head_dim=8,
-    in_channels=4,
-    out_channels=8,
-    cross_attention_dim=16,
-    caption_channels=8,
-    interpolation_scale=1.0,
-    use_additional_conditions=False,
-)
-
-
 def tiny_plain_pixart(seed: int = 0) -> PixArtTransformer2DModel:
     """diffusers' own PixArt-Σ transformer, every parameter re-drawn (nothing zero-initialised)."""
-    return randomize_(PixArtTransformer2DModel(**TINY_CONFIG), seed=seed).eval()
+    return randomize_(PixArtTransformer2DModel(**TINY_PIXART_CONFIG), seed=seed).eval()
 
 
 def tiny_inputs(height: int = 8, width: int = 12, seed: int = 1) -> dict:
@@ -278,7 +251,7 @@ def test_enable_kv_compression_changes_only_compressed_layers(plain_dir):
     assert torch.isfinite(out).all() and out.shape == (2, 8, 8, 12)
 
     # Default layer set: the deeper half, as released (14..27 of 28).
-    assert PixArtSigmaKVTransformer2DModel(**TINY_CONFIG).enable_kv_compression().kv_compressed_layers == [1, 2]
+    assert PixArtSigmaKVTransformer2DModel(**TINY_PIXART_CONFIG).enable_kv_compression().kv_compressed_layers == [1, 2]
     # Disabling restores the exact uncompressed model.
     model.disable_kv_compression()
     assert model.config.kv_compress_layers is None and not kv_parameters(model)
@@ -287,7 +260,7 @@ def test_enable_kv_compression_changes_only_compressed_layers(plain_dir):
 
 def test_average_init_survives_no_init_weights(plain_dir):
     with no_init_weights():
-        built = PixArtSigmaKVTransformer2DModel(**TINY_CONFIG, kv_compress_layers=[0, 2])
+        built = PixArtSigmaKVTransformer2DModel(**TINY_PIXART_CONFIG, kv_compress_layers=[0, 2])
     assert_average_init(built)
     model = PixArtSigmaKVTransformer2DModel.from_pretrained(plain_dir)
     with no_init_weights():
@@ -425,7 +398,7 @@ def test_compressed_layer_without_grid_size_is_an_error(plain_dir):
 
 def test_bad_sampling_ratio_and_layer_indices_are_errors(plain_dir):
     with pytest.raises(ValueError, match="Unknown kv_compress_sampling"):
-        PixArtSigmaKVTransformer2DModel(**TINY_CONFIG, kv_compress_layers=[1], kv_compress_sampling="avg")
+        PixArtSigmaKVTransformer2DModel(**TINY_PIXART_CONFIG, kv_compress_layers=[1], kv_compress_sampling="avg")
     model = PixArtSigmaKVTransformer2DModel.from_pretrained(plain_dir)
     with pytest.raises(ValueError, match="Unknown kv_compress_sampling"):
         model.enable_kv_compression([1], sampling="bilinear")
@@ -433,7 +406,7 @@ def test_bad_sampling_ratio_and_layer_indices_are_errors(plain_dir):
         with pytest.raises(ValueError, match="kv_compress_layers"):
             model.enable_kv_compression(layers)
     with pytest.raises(ValueError, match="out of range"):
-        PixArtSigmaKVTransformer2DModel(**TINY_CONFIG, kv_compress_layers=[0, 3])
+        PixArtSigmaKVTransformer2DModel(**TINY_PIXART_CONFIG, kv_compress_layers=[0, 3])
     with pytest.raises(ValueError, match="ratio=1 does not compress"):
         model.enable_kv_compression([1], ratio=1)
     with pytest.raises(ValueError, match="positive integer"):
@@ -443,54 +416,6 @@ def test_bad_sampling_ratio_and_layer_indices_are_errors(plain_dir):
 
 
 # ---------------------------------------------------------------------------------------------- pipelines
-
-
-def tiny_t5_tokenizer() -> PreTrainedTokenizerFast:
-    words = ["<pad>", "</s>", "<unk>", "a", "an", "red", "blue", "cat", "dog", "on", "the", "moon", "photo", "of"]
-    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=16
-    )
-
-
-def tiny_pixart_components() -> dict:
-    tokenizer = tiny_t5_tokenizer()
-    torch.manual_seed(0)
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
-    ).eval()
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),  # vae_scale_factor 8, as the SDXL VAE
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=4,
-        sample_size=32,
-    ).eval()
-    # sample_size 32 selects diffusers' 256-px aspect-ratio bins (PixArt-Σ 256 uses interpolation scale 0.5).
-    transformer = PixArtSigmaKVTransformer2DModel(
-        **{**TINY_CONFIG, "sample_size": 32, "interpolation_scale": 0.5}, kv_compress_layers=[1, 2]
-    )
-    randomize_(transformer, seed=3).eval()
-    return dict(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        transformer=transformer,
-        scheduler=DPMSolverMultistepScheduler(),
-    )
-
-
-GENERATE = dict(num_inference_steps=2, max_sequence_length=8, clean_caption=False, output_type="np")
-
-
-def generate(pipe, **kwargs):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe("a photo of a red cat", generator=torch.manual_seed(0), **{**GENERATE, **kwargs}).images
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
 from helpers import MICRODIT_FIXTURES
+from safetensors.torch import load_file
 
 from diffusers_microdit.schedulers.scheduling_edm_heun import EDMHeunScheduler, EDMHeunSchedulerOutput
 
@@ -96,10 +97,6 @@ def latents() -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("key,n", [("sampler.sigmas_cfg", 3), ("sampler.sigmas_nocfg", 2)])
 def test_sigmas_match_fixture(key, n):
-    if not FIXTURE.exists():
-        pytest.skip(f"fixture {FIXTURE} not available")
-    from safetensors.torch import load_file
-
     expected = load_file(str(FIXTURE))[key]  # float64, N + 1 values ending in 0
     sched = EDMHeunScheduler()
     sched.set_timesteps(n)

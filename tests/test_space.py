@@ -2,18 +2,20 @@
 against the app served on 127.0.0.1, and a screenshot of the page with headless Chromium."""
 
 import importlib.util
+import inspect
 import shutil
 import socket
 import subprocess
 
 import gradio as gr
 import pytest
+import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from helpers import PIPELINE_FAMILIES, REPO_ROOT, tiny_family_pipeline
 from PIL import Image
-from test_pixart_kv import single_thread  # noqa: F401 (autouse fixture: one intra-op thread for tiny models)
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one intra-op thread
 APP_PATH = REPO_ROOT / "spaces" / "diffusers-microdit" / "app.py"
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -101,6 +103,24 @@ def test_without_a_model_the_app_says_what_to_do(app, tmp_path, monkeypatch):
     assert any(app.no_model_message() in text for text in shown)
     with pytest.raises(gr.Error, match="make demo"):
         app.generate({}, *VALID)
+
+
+def test_dtype_follows_the_hardware(app, monkeypatch):
+    assert app.inference_dtype("cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert app.inference_dtype("cuda") == torch.float16  # a T4: float16, not emulated bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert app.inference_dtype("cuda") == torch.bfloat16
+
+
+def test_generation_reports_the_pipelines_progress(app, model_dirs):
+    """The click handler asks Gradio to follow tqdm, and the pipelines' progress bars are on to be followed."""
+    demo = app.build_demo(model_dirs)
+    (handler,) = [fn for fn in demo.fns.values() if fn.api_name == "generate"]
+    progress = inspect.signature(handler.fn).parameters["progress"].default
+    assert isinstance(progress, gr.Progress) and progress.track_tqdm
+    pipelines = app.load_pipelines(model_dirs)
+    assert all(not getattr(pipe, "_progress_bar_config", {}).get("disable") for pipe in pipelines.values())
 
 
 def test_models_come_from_flags_then_environment(app, monkeypatch):

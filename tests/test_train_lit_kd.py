@@ -10,9 +10,15 @@ import types
 import pytest
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
-from helpers import randomize_, train_on_fixed_batch
-from test_pixart_kv import TINY_CONFIG, single_thread, tiny_pixart_components  # noqa: F401 (autouse fixture)
-from test_train_microdit import final_weights, load_example, run_script
+from helpers import (
+    TINY_PIXART_CONFIG,
+    final_weights,
+    load_example,
+    randomize_,
+    run_script,
+    tiny_pixart_components,
+    train_on_fixed_batch,
+)
 
 import diffusers_microdit  # noqa: F401
 from diffusers_microdit import LiTPipeline, LiTTransformer2DModel
@@ -22,7 +28,8 @@ from diffusers_microdit.training.losses import lit_distillation_loss, pixart_sig
 from diffusers_microdit.training.pixart import null_caption, training_noise_scheduler
 
 # A "256-px" PixArt-Σ (latents 32x32, 4 -> 8 channels), 2 blocks of width 16.
-TEACHER_CONFIG = {**TINY_CONFIG, "num_layers": 2, "sample_size": 32, "interpolation_scale": 0.5}
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one intra-op thread
+TEACHER_CONFIG = {**TINY_PIXART_CONFIG, "num_layers": 2, "sample_size": 32, "interpolation_scale": 0.5}
 LOSS_TERMS = ("diffusion", "kd_noise", "kd_variance")  # LiTDistillationTerms, as logged to the trackers
 
 

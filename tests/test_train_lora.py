@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from helpers import PIPELINE_FAMILIES, tiny_family_call_kwargs, tiny_family_pipeline
+from helpers import PIPELINE_FAMILIES, load_example, run_script, tiny_family_call_kwargs, tiny_family_pipeline
 from PIL import Image
 from safetensors.torch import load_file
-from test_train_microdit import load_example, run_script
 
 import diffusers_microdit  # noqa: F401
+from diffusers_microdit.training.lora import LoraTrainer, add_lora_adapter
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one intra-op thread
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -81,7 +84,7 @@ def test_resumed_lora_run_matches_uninterrupted_run(bases, tmp_path):
     common = ("--checkpointing_steps", 2)
     run_script("train_lora.py", *lora_args(bases["microdit"], straight, *common, "--max_train_steps", 4))
     run_script("train_lora.py", *lora_args(bases["microdit"], resumed, *common, "--max_train_steps", 2))
-    assert (resumed / "checkpoint-2" / "transformer" / "adapter_model.safetensors").is_file()
+    assert (resumed / "checkpoint-2" / LORA_FILE).is_file()
     result = run_script(
         "train_lora.py",
         *lora_args(bases["microdit"], resumed, *common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"),
@@ -91,6 +94,98 @@ def test_resumed_lora_run_matches_uninterrupted_run(bases, tmp_path):
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def loaded_lora(base: dict, folder, family: str = "microdit"):
+    """(image, peft config) of the base pipeline with the LoRA in `folder` loaded by `load_lora_weights`."""
+    pipe = DiffusionPipeline.from_pretrained(base["base"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(folder)
+    (adapter,) = pipe.get_list_adapters()["transformer"]
+    return sample(pipe, family), pipe.transformer.peft_config[adapter]
+
+
+def test_checkpoints_are_loras_at_the_trained_strength(bases, tmp_path):
+    """A checkpoint loads with `load_lora_weights` like a final adapter of as many steps, lora_alpha included, and
+    resuming from one is exact."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    base = bases["microdit"]
+    common = ("--lora_alpha", 16, "--checkpointing_steps", 1)  # alpha != rank: a lost config would show
+    run_script("train_lora.py", *lora_args(base, two, *common, "--max_train_steps", 2))
+    run_script("train_lora.py", *lora_args(base, one, *common, "--max_train_steps", 1))
+
+    checkpoint = two / "checkpoint-1"
+    # The one weight file there is the LoRA (diffusers' weight-name guess picks it); no `transformer/` subfolder
+    # to load at the wrong strength.
+    assert sorted(path.name for path in checkpoint.iterdir() if path.suffix == ".safetensors") == [LORA_FILE]
+    assert not (checkpoint / "transformer").exists()
+    image, config = loaded_lora(base, checkpoint)
+    final_image, final_config = loaded_lora(base, one)
+    assert config.lora_alpha == final_config.lora_alpha == 16 and config.r == 4
+    np.testing.assert_allclose(image, final_image, rtol=0, atol=1e-6)
+    base_pipe = DiffusionPipeline.from_pretrained(base["base"])
+    base_pipe.set_progress_bar_config(disable=True)
+    assert np.abs(image - sample(base_pipe, "microdit")).max() > 1e-3, "the checkpoint's LoRA changes nothing"
+
+    # Continue the finished 1-step run to 2 steps: it resumes from its own checkpoint-1.
+    result = run_script(
+        "train_lora.py", *lora_args(base, one, *common, "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
+    )
+    assert "Resuming from checkpoint checkpoint-1" in result.stdout
+    expected, got = load_file(two / LORA_FILE), load_file(one / LORA_FILE)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def lora_transformer(seed: int, rank: int = 4, alpha: float = 16):
+    """A tiny MicroDiT transformer with a LoRA adapter added the way train_lora.py does, its weights random."""
+    transformer = tiny_family_pipeline("microdit").transformer
+    args = argparse.Namespace(rank=rank, lora_alpha=alpha, lora_dropout=0.0, lora_target_modules=None)
+    add_lora_adapter(transformer, args, torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    return transformer
+
+
+def lora_weights(transformer) -> dict:
+    return {name: param.detach().clone() for name, param in transformer.named_parameters() if "lora_" in name}
+
+
+def test_checkpoint_adapter_round_trip_and_mismatch(tmp_path):
+    """LoraTrainer's checkpoint hooks: the adapter is written once, at the checkpoint's top level with its config;
+    resuming reads it back exactly, reads checkpoints of the earlier `transformer/adapter_model.safetensors` layout,
+    and refuses an adapter of another alpha with the flag to change."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    trainer = LoraTrainer.__new__(LoraTrainer)  # the hooks need no Accelerator
+    trained = lora_transformer(seed=0)
+    checkpoint = tmp_path / "checkpoint-3"
+    trainer.save_model_weights(trained, checkpoint / "transformer")
+    assert sorted(path.name for path in checkpoint.iterdir()) == [LORA_FILE]
+
+    resumed = lora_transformer(seed=1)
+    trainer.load_model_weights(resumed, checkpoint / "transformer")
+    expected = lora_weights(trained)
+    for name, value in lora_weights(resumed).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
+
+    legacy = tmp_path / "checkpoint-4"
+    (legacy / "transformer").mkdir(parents=True)
+    save_file(get_peft_model_state_dict(trained), legacy / "transformer" / "adapter_model.safetensors")
+    from_legacy = lora_transformer(seed=2)
+    trainer.load_model_weights(from_legacy, legacy / "transformer")
+    for name, value in lora_weights(from_legacy).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
+
+    with pytest.raises(RuntimeError, match="resume with --lora_alpha 16"):
+        trainer.load_model_weights(lora_transformer(seed=3, alpha=8), checkpoint / "transformer")
+    with pytest.raises(FileNotFoundError, match="holds no pytorch_lora_weights.safetensors"):
+        trainer.load_model_weights(lora_transformer(seed=3), tmp_path / "checkpoint-5" / "transformer")
 
 
 @pytest.mark.parametrize(

@@ -3,23 +3,19 @@ equivalence; corrupt and caption-less rows in the precompute step."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from helpers import REPO_ROOT, tiny_pipeline
+from helpers import ENV, REPO_ROOT, final_weights, load_example, run_script, tiny_pipeline
 from PIL import Image
-from safetensors.torch import load_file
 
 import diffusers_microdit  # noqa: F401
 from diffusers_microdit.data.shapes import build_shapes_dataset
@@ -29,15 +25,6 @@ TINY_CONFIG = dict(
     hidden_size=32, num_layers=3, attention_head_dim=8, multiple_of=16, patch_mixer_layers=2,
     patch_mixer_hidden_size=24, num_experts=4,
 )
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def run_script(script: str, *args, launcher=(sys.executable,), check=True, env=None) -> subprocess.CompletedProcess:
-    command = [*launcher, str(REPO_ROOT / "examples" / script), *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env or ENV, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +47,6 @@ def train_args(workspace, output_dir, *extra) -> list:
         "--precomputed_dataset", workspace["cache"], "--output_dir", output_dir, "--train_batch_size", 4,
         "--report_to", "none", "--seed", 3, *extra,
     ]
-
-
-def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(output_dir / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
 def test_precompute_cache_contents(workspace):
@@ -183,13 +166,6 @@ def test_naive_masking_and_resolution_change(workspace, tmp_path):
     )
     config = json.loads((stage2 / "pipeline" / "transformer" / "config.json").read_text())
     assert (config["sample_size"], config["pos_interp_scale"]) == (8, 0.5)
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize(

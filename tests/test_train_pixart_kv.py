@@ -14,10 +14,16 @@ import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
 from diffusers import DDPMScheduler, DiffusionPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
-from helpers import randomize_, train_on_fixed_batch
+from helpers import (
+    TINY_PIXART_CONFIG,
+    final_weights,
+    load_example,
+    randomize_,
+    run_script,
+    tiny_pixart_components,
+    train_on_fixed_batch,
+)
 from PIL import Image
-from test_pixart_kv import TINY_CONFIG, single_thread, tiny_pixart_components  # noqa: F401  (autouse fixture)
-from test_train_microdit import final_weights, load_example, run_script
 
 import diffusers_microdit  # noqa: F401
 from diffusers_microdit import PixArtSigmaKVPipeline, PixArtSigmaKVTransformer2DModel
@@ -31,7 +37,8 @@ from diffusers_microdit.training.data import (
 from diffusers_microdit.training.losses import learned_sigma_loss_terms, pixart_objective, variational_bound_bits
 from diffusers_microdit.training.pixart import move_to_resolution, null_caption, training_noise_scheduler
 
-BASE_CONFIG = {**TINY_CONFIG, "sample_size": 32, "interpolation_scale": 0.5}  # a "256-px" PixArt-Σ, 4 -> 8 channels
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one intra-op thread
+BASE_CONFIG = {**TINY_PIXART_CONFIG, "sample_size": 32, "interpolation_scale": 0.5}  # a "256-px" PixArt-Σ, 4 -> 8 channels
 CAPTIONS = ("a red cat", "a blue dog", "a photo of a cat on the moon", "the red dog")
 
 

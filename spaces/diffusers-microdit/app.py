@@ -59,7 +59,19 @@ MAX_SEED = 2**31 - 1
 MAX_QUEUE = 16
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+
+
+def inference_dtype(device: str) -> torch.dtype:
+    """bfloat16 on GPUs that have it, float16 on older ones (T4, V100), float32 on the CPU."""
+    if device != "cuda":
+        return torch.float32
+    try:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    except RuntimeError:  # ZeroGPU: no device in the main process yet, and its GPUs (A100/H200) all have bfloat16
+        return torch.bfloat16
+
+
+DTYPE = inference_dtype(DEVICE)
 
 
 def load_pipelines(model_dirs: dict[str, str]) -> dict[str, DiffusionPipeline]:
@@ -71,7 +83,6 @@ def load_pipelines(model_dirs: dict[str, str]) -> dict[str, DiffusionPipeline]:
             pipelines[label] = DiffusionPipeline.from_pretrained(spec, dtype=DTYPE).to(DEVICE)
         except Exception as error:  # noqa: BLE001 - one clear line for the operator instead of a loader traceback
             raise RuntimeError(f"Could not load the model {label!r} from {spec!r}: {error}") from error
-        pipelines[label].set_progress_bar_config(disable=True)
     return pipelines
 
 
@@ -166,7 +177,8 @@ def build_demo(model_dirs: dict[str, str]) -> gr.Blocks:
     size = natural_size(pipelines[labels[0]]) if labels else 256
 
     @on_gpu
-    def generate_images(*inputs):
+    def generate_images(*inputs, progress=gr.Progress(track_tqdm=True)):
+        """The pipeline's own progress bar (steps) is shown on the page while it runs."""
         return generate(pipelines, *inputs)
 
     def size_updates(model: str):

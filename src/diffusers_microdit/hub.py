@@ -26,6 +26,14 @@ from .pipelines.pipeline_microdit import MicroDiTPipeline
 
 PACKAGE = __name__.split(".")[0]
 _PROJECT_URL = "https://github.com/diffusers-microdit/diffusers-microdit"
+# The package is not on PyPI: the one install command that works, for cards and error messages.
+INSTALL_COMMAND = f'pip install "diffusers-microdit @ git+{_PROJECT_URL}"'
+# `remote_code=True`: the module diffusers runs (with `trust_remote_code=True`) to find the pipeline class.
+REMOTE_CODE_MODULE = "pipeline"
+_IMPORT_LINE = (
+    "import diffusers_microdit  # first: it registers the package's classes with diffusers (without it, loading "
+    'fails with "module diffusers has no attribute ...")'
+)
 # Training output folders also hold accelerate checkpoints (optimizer states, several times the model size), tracker
 # logs and (train_lora.py) the encoded training data: never uploaded.
 DEFAULT_IGNORE_PATTERNS = ("checkpoint-*", "logs/*", "cache/*")
@@ -60,6 +68,7 @@ def save_pipeline_with_card(
     sample_prompts: list[str] | None = None,
     description: str | None = None,
     tags: list[str] | None = None,
+    remote_code: bool = False,
 ) -> Path:
     """Write a complete, Hub-loadable pipeline folder: safetensors weights, configs, samples and `README.md`.
 
@@ -76,6 +85,12 @@ def save_pipeline_with_card(
         sample_prompts: one prompt per sample image: captions, and the Hub widget's gallery.
         description: the card's opening paragraph.
         tags: extra Hub tags.
+        remote_code: also write `pipeline.py`, a two-line module that imports the installed package, and name it in
+            `model_index.json`, so `DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)` works without
+            `import diffusers_microdit` (and says what to install when the package is missing). The trade-off:
+            loading then runs code from the repo, which users must trust: diffusers refuses the folder without
+            `trust_remote_code=True`, even where the package is imported; and the package must still be installed.
+            Off by default.
 
     Returns:
         `output_dir` as a `Path`.
@@ -85,6 +100,9 @@ def save_pipeline_with_card(
     license, licence_statement = _check_card_inputs(pipeline, license, sample_images, sample_prompts)
     pipeline.save_pretrained(output_dir, safe_serialization=True)
     _record_package_components_under_diffusers(output_dir / "model_index.json")
+    if remote_code:
+        _write_remote_code_module(output_dir, type(pipeline).__name__)
+    load_kwargs = ", trust_remote_code=True" if remote_code else ""
     components = "\n".join(
         f"| `{name}` | `{type(component).__name__}` |"
         for name, component in pipeline.components.items()
@@ -95,9 +113,8 @@ def save_pipeline_with_card(
         title=repo_id.split("/")[-1] if repo_id else type(pipeline).__name__,
         description=description
         or f"A text-to-image `{type(pipeline).__name__}` from [diffusers-microdit]({_PROJECT_URL}).",
-        usage="import diffusers_microdit  # registers the package's classes with diffusers; import it before loading\n"
-        "from diffusers import DiffusionPipeline\n\n"
-        f'pipe = DiffusionPipeline.from_pretrained("{repo_id or "path/to/this/folder"}")\n'
+        usage=f"{_IMPORT_LINE}\nfrom diffusers import DiffusionPipeline\n\n"
+        f'pipe = DiffusionPipeline.from_pretrained("{repo_id or "path/to/this/folder"}"{load_kwargs})\n'
         'image = pipe("Image of an astronaut riding a horse in Origami style").images[0]',
         details=f"## Components\n\n| component | class |\n| --- | --- |\n{components}",
         license=license,
@@ -148,7 +165,7 @@ def save_lora_with_card(
         output_dir,
         title=repo_id.split("/")[-1] if repo_id else f"{pipeline_class} LoRA",
         description=description or f"A peft LoRA for `{pipeline_class}` from [diffusers-microdit]({_PROJECT_URL}).",
-        usage=f"from diffusers_microdit import {pipeline_class}\n\n"
+        usage=f"{_IMPORT_LINE}\nfrom diffusers_microdit import {pipeline_class}\n\n"
         f'pipe = {pipeline_class}.from_pretrained("{base_model or "path/to/the/base/pipeline"}")\n'
         f'pipe.load_lora_weights("{repo_id or "path/to/this/folder"}")\n'
         'image = pipe("Image of an astronaut riding a horse in Origami style").images[0]',
@@ -232,6 +249,22 @@ def _record_package_components_under_diffusers(model_index: Path) -> None:
     model_index.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def _write_remote_code_module(output_dir: Path, pipeline_class: str) -> None:
+    """`pipeline.py` + `_class_name: ["pipeline", <class>]`: diffusers' custom-pipeline lookup runs the module,
+    whose import registers the package; the class it names is the package's own."""
+    (output_dir / f"{REMOTE_CODE_MODULE}.py").write_text(
+        '"""Loaded by `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`: imports the installed '
+        'diffusers-microdit,\nwhich registers its classes with diffusers."""\n\n'
+        "try:\n    import diffusers_microdit\nexcept ImportError as error:\n"
+        f"    raise ImportError('This pipeline needs the diffusers-microdit package: {INSTALL_COMMAND}') from error\n\n"
+        f"{pipeline_class} = diffusers_microdit.{pipeline_class}\n"
+    )
+    model_index = output_dir / "model_index.json"
+    index = json.loads(model_index.read_text())
+    index["_class_name"] = [REMOTE_CODE_MODULE, pipeline_class]
+    model_index.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def _check_hub_loadable(model_index: Path) -> None:
     """Refuse a pipeline folder whose components diffusers' Hub download would reject (see the module docstring)."""
     index = json.loads(model_index.read_text())
@@ -284,7 +317,7 @@ def _write_card(
     sections = [
         f"# {title}",
         description,
-        f"## Usage\n\n```bash\npip install diffusers-microdit\n```\n\n```python\n{usage}\n```",
+        f"## Usage\n\n```python\n{usage}\n```\n\nThe package is not on PyPI; install it with `{INSTALL_COMMAND}`.",
         details,
         "## Licence\n\n"
         + " ".join(
@@ -307,8 +340,9 @@ def _write_card(
         images = "\n".join(f"![{caption}]({file})" for caption, file in zip(captions, sample_files))
         sections.append(f"## Samples\n\n{images}")
     widget = [{"text": prompt, "output": {"url": file}} for prompt, file in zip(sample_prompts or [], sample_files)]
+    # inference: false - the Hub's hosted inference cannot run classes from outside diffusers.
     card_data = ModelCardData(
-        license=license, base_model=base_model, pipeline_tag="text-to-image", widget=widget or None
+        license=license, base_model=base_model, pipeline_tag="text-to-image", widget=widget or None, inference=False
     )
     # diffusers' `load_or_create_model_card` needs a Hub repo id (a local folder without README raises) and its
     # training template is a TODO skeleton, so the card is built here; `populate_model_card` adds diffusers' metadata.

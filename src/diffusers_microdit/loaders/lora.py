@@ -22,6 +22,9 @@ from typing import Callable
 import torch
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.loaders.lora_base import LoraBaseMixin, _fetch_state_dict
+from diffusers.utils import convert_unet_state_dict_to_peft, logging
+
+logger = logging.get_logger(__name__)
 
 MICRODIT_LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "gate_proj", "up_proj", "down_proj")
 PIXART_LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -89,8 +92,10 @@ class TransformerLoraLoaderMixin(LoraBaseMixin):
     ) -> None:
         r"""Load a LoRA into `self.transformer` as adapter `adapter_name` (default: `default_0`, `default_1`, ...).
 
-        Accepts the pipeline format written by [`save_lora_weights`] (keys prefixed `transformer.`) and the
-        un-prefixed format of `transformer.save_lora_adapter`. `kwargs` go to [`lora_state_dict`].
+        Accepts the pipeline format written by [`save_lora_weights`] (keys prefixed `transformer.`; keys of other
+        components are ignored with a warning) and the un-prefixed format of `transformer.save_lora_adapter` (when
+        every key names a module of this transformer). A file with nothing for the transformer loads nothing and
+        logs why, as diffusers' loaders do. `kwargs` go to [`lora_state_dict`].
         """
         transformer = getattr(self, self.transformer_name)
         if not isinstance(transformer, PeftAdapterMixin):
@@ -110,15 +115,52 @@ class TransformerLoraLoaderMixin(LoraBaseMixin):
                 f"Not a LoRA checkpoint: {len(not_lora)} keys lack 'lora' (e.g. {not_lora[0]!r}). Full model weights "
                 "load with `from_pretrained`, not `load_lora_weights`."
             )
-        prefixed = any(key.startswith(f"{self.transformer_name}.") for key in state_dict)
+        prefix = self._transformer_prefix(transformer, state_dict)
+        if prefix is False:
+            # diffusers' own loaders skip such files the same way: a LoRA for other components is no error.
+            example = f"keys are e.g. {next(iter(state_dict))!r}" if state_dict else "the state dict is empty"
+            logger.warning(
+                f"No LoRA keys associated to {type(transformer).__name__} found with the "
+                f"prefix={self.transformer_name!r} ({example}); nothing was loaded. This pipeline takes LoRA weights "
+                "for its transformer only."
+            )
+            return
+        if prefix is not None:
+            foreign = [key for key in state_dict if not key.startswith(f"{prefix}.")]
+            if foreign:
+                logger.warning(
+                    f"Ignoring {len(foreign)} LoRA keys not for the {prefix} (e.g. {foreign[0]!r}): this pipeline "
+                    "loads LoRA weights into its transformer only."
+                )
         transformer.load_lora_adapter(
             state_dict,
-            prefix=self.transformer_name if prefixed else None,
+            prefix=prefix,
             adapter_name=adapter_name,
             metadata=metadata,
             _pipeline=self,
             low_cpu_mem_usage=low_cpu_mem_usage,
             hotswap=hotswap,
+        )
+
+    def _transformer_prefix(self, transformer: torch.nn.Module, state_dict: dict) -> str | None | bool:
+        """The `prefix` for `load_lora_adapter`: `transformer_name` for the pipeline format, `None` for un-prefixed
+        keys that all name modules of `transformer` (`save_lora_adapter` files), `False` for a LoRA of something
+        else. Raises for un-prefixed keys that only partly fit: that is a LoRA for another configuration."""
+        if any(key.startswith(f"{self.transformer_name}.") for key in state_dict):
+            return self.transformer_name
+        # Old attention-processor formats (`to_q_lora.down`) are renamed the way `load_lora_adapter` will.
+        module_paths = {key.split(".lora_")[0] for key in convert_unet_state_dict_to_peft(state_dict)}
+        modules = dict(transformer.named_modules())
+        missing = sorted(path for path in module_paths if path not in modules)
+        if module_paths and not missing:
+            return None
+        if len(missing) == len(module_paths):  # an empty file counts as someone else's, too
+            return False
+        raise ValueError(
+            f"{len(missing)} of the {len(module_paths)} modules this LoRA adapts are not in "
+            f"{type(transformer).__name__} (e.g. {missing[0]!r}): it was made for a transformer of another "
+            "configuration. Load it into that one, or prefix the keys that do fit with "
+            f"'{self.transformer_name}.' to load those alone."
         )
 
     @classmethod

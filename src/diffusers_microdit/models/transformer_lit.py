@@ -27,15 +27,17 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
-from diffusers.models.attention_processor import Attention, AttnProcessor
+from diffusers.models.attention_processor import Attention, AttnProcessor, FusedAttnProcessor2_0
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 # Must be a name in this module: diffusers' pipeline loader looks up the loadable base classes (`ModelMixin`, ...) as
 # attributes of the module recorded in model_index.json to find the component's `from_pretrained`.
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
-from diffusers.utils import logging
+from diffusers.utils import apply_lora_scale, logging
 from torch import nn
+
+from .transformer_pixart_kv import check_lora_scale_applied
 
 logger = logging.get_logger(__name__)
 
@@ -112,7 +114,8 @@ class LiTLinearAttnProcessor:
     conv of V (`attn.value_conv`), then the output projection.
 
     Needs the token grid (`height`, `width`); [`LiTTransformer2DModel`] passes it. A replacement processor for
-    [`LiTLinearAttention`] modules must accept `height` and `width` keyword arguments too.
+    [`LiTLinearAttention`] modules must accept `height` and `width` keyword arguments too. Reads the fused `to_qkv`
+    projection when the module has one (`fuse_qkv_projections`); the value conv then sees the same V slice.
     """
 
     def __call__(
@@ -140,7 +143,10 @@ class LiTLinearAttnProcessor:
         if height * width != tokens:
             raise ValueError(f"Token grid {height}x{width} does not match the {tokens} tokens.")
 
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if attn.fused_projections and hasattr(attn, "to_qkv"):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         out = linear_attention(query, key, value, attn.heads, attn.linear_attention_eps)
         out = out + attn.value_conv(value, height, width)
         return attn.to_out[1](attn.to_out[0](out))
@@ -293,6 +299,9 @@ class LiTTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin):
 
     _no_split_modules = ["LiTTransformerBlock", "PatchEmbed"]
     _repeated_blocks = ["LiTTransformerBlock"]
+    # PixArt's own patterns, plus the depthwise value convs: `head_dim * 25` weights per block on the value path,
+    # which float8 storage would round for no memory gain.
+    _skip_layerwise_casting_patterns = [*PixArtTransformer2DModel._skip_layerwise_casting_patterns, "value_conv"]
 
     @register_to_config
     def __init__(
@@ -432,10 +441,10 @@ class LiTTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin):
             f"LiT from PixArt-Σ: inherited {len(teacher)} tensors; {len(not_inherited)} self-attention tensors are "
             f"freshly initialised: {not_inherited}"
         )
-        reference = next(pixart_transformer.parameters())
-        model = model.to(reference.device).eval()
-        if reference.dtype != model.dtype:  # cast only when needed: diffusers warns on every dtype cast
-            model = model.to(reference.dtype)
+        # The teacher's `dtype` is its compute dtype even under layerwise casting (where some weights are float8).
+        model = model.to(pixart_transformer.device).eval()
+        if pixart_transformer.dtype != model.dtype:  # cast only when needed: diffusers warns on every dtype cast
+            model = model.to(pixart_transformer.dtype)
         if output_loading_info:
             return model, {"inherited_keys": sorted(teacher), "not_inherited_keys": not_inherited}
         return model
@@ -467,11 +476,30 @@ class LiTTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin):
                 module.set_processor(AttnProcessor())
 
     def fuse_qkv_projections(self) -> None:
-        raise NotImplementedError(
-            "LiTTransformer2DModel does not fuse projections: the parent's fused processor computes softmax "
-            "attention and would silently replace the linear self-attention."
-        )
+        """Fuse q/k/v of every linear self-attention into `to_qkv` and k/v of every softmax cross-attention into
+        `to_kv` (diffusers' `Attention.fuse_projections`). The self-attention keeps its processor
+        ([`LiTLinearAttnProcessor`] reads `to_qkv`); the cross-attention gets diffusers' `FusedAttnProcessor2_0`.
+        Unlike the parent's, this never puts softmax attention into the LiT layers."""
+        self.original_attn_processors = self.attn_processors
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fuse_projections(fuse=True)
+                if not isinstance(module, LiTLinearAttention):
+                    module.set_processor(FusedAttnProcessor2_0())
 
+    def unfuse_qkv_projections(self) -> None:
+        """Undo `fuse_qkv_projections`: drop the fused layers and restore the previous processors."""
+        for module in self.modules():
+            if isinstance(module, Attention) and module.fused_projections:
+                for name in ("to_qkv", "to_kv"):
+                    if hasattr(module, name):
+                        delattr(module, name)
+                module.fused_projections = False
+        if getattr(self, "original_attn_processors", None) is not None:
+            self.set_attn_processor(self.original_attn_processors)
+            self.original_attn_processors = None
+
+    @apply_lora_scale("cross_attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -487,8 +515,10 @@ class LiTTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin):
         multiples of `patch_size`. `attention_mask` (self-attention) must be `None`: linear attention has none.
 
         The token grid (`H // patch_size`, `W // patch_size`) rides in `cross_attention_kwargs` as `height` and
-        `width`, which [`LiTTransformerBlock`] hands to the self-attention only.
+        `width`, which [`LiTTransformerBlock`] hands to the self-attention only. A `"scale"` entry (pass the dict by
+        keyword) multiplies every LoRA adapter's strength for this call and is not forwarded.
         """
+        check_lora_scale_applied(cross_attention_kwargs)
         p = self.config.patch_size
         latent_height, latent_width = hidden_states.shape[-2:]
         if latent_height % p or latent_width % p:

@@ -10,7 +10,9 @@ scaling). The network is the EDM "F" function: it receives `c_in * x` and `c_noi
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from typing import Any, Type
 
 import numpy as np
 import torch
@@ -21,8 +23,10 @@ from diffusers.models.attention import AttentionMixin, AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import Timesteps, get_2d_sincos_pos_embed_from_grid
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, apply_lora_scale
 from torch import nn
+
+from ..loaders.single_file import OriginalCheckpointLoaderMixin
 
 # The two sizes defined by the original code (`MicroDiT_XL_2`, `MicroDiT_Tiny_2`); everything not listed uses the
 # constructor defaults, which are those of MicroDiT_XL_2 at 256 px.
@@ -112,7 +116,11 @@ def expand_multipliers(multipliers: list[float] | None, default: tuple[float, fl
 class MicroDiTAttnProcessor:
     """Attention with MicroDiT's QK-norm: a non-affine LayerNorm over the full query/key vector (all heads jointly)
     before the head split, then scaled dot-product attention through diffusers' backend dispatcher (SDPA by
-    default, so `set_attention_backend` works)."""
+    default, so `set_attention_backend` works).
+
+    Reads fused projections when the module has them (`fuse_qkv_projections`): `to_qkv` for self-attention, `to_kv`
+    for cross-attention. The QK-norm runs after the split, on the same full-width vectors, so fusing changes nothing.
+    """
 
     _attention_backend = None
     _parallel_config = None
@@ -121,9 +129,18 @@ class MicroDiTAttnProcessor:
         self, attn: MicroDiTAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None
     ) -> torch.Tensor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(-1, (attn.heads, -1))
-        key = attn.norm_k(attn.to_k(context)).unflatten(-1, (attn.heads, -1))
-        value = attn.to_v(context).unflatten(-1, (attn.heads, -1))
+        fused = attn.fused_projections
+        if fused and encoder_hidden_states is None and hasattr(attn, "to_qkv"):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query = attn.to_q(hidden_states)
+            if fused and hasattr(attn, "to_kv"):
+                key, value = attn.to_kv(context).chunk(2, dim=-1)
+            else:
+                key, value = attn.to_k(context), attn.to_v(context)
+        query = attn.norm_q(query).unflatten(-1, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(-1, (attn.heads, -1))
+        value = value.unflatten(-1, (attn.heads, -1))
         out = dispatch_attention_fn(
             query, key, value, backend=self._attention_backend, parallel_config=self._parallel_config
         )
@@ -131,17 +148,32 @@ class MicroDiTAttnProcessor:
 
 
 class MicroDiTAttention(nn.Module, AttentionModuleMixin):
-    """Multi-head attention with across-heads QK LayerNorm; self-attention when no context is passed."""
+    """Multi-head attention with across-heads QK LayerNorm; self-attention when no context is passed.
+
+    `is_cross_attention` marks modules that attend to a separate context (the caption), so diffusers'
+    `fuse_projections` fuses their k/v into `to_kv` and leaves `to_q` alone (q/k/v into `to_qkv` otherwise).
+    """
 
     _default_processor_cls = MicroDiTAttnProcessor
     _available_processors = [MicroDiTAttnProcessor]
-    _supports_qkv_fusion = False
+    _supports_qkv_fusion = True
 
-    def __init__(self, query_dim: int, inner_dim: int, heads: int, bias: bool = False, eps: float = 1e-6):
+    def __init__(
+        self,
+        query_dim: int,
+        inner_dim: int,
+        heads: int,
+        bias: bool = False,
+        eps: float = 1e-6,
+        is_cross_attention: bool = False,
+    ):
         super().__init__()
         if inner_dim % heads:
             raise ValueError(f"Attention width {inner_dim} is not divisible by {heads} heads.")
         self.heads = heads
+        # Read by `AttentionModuleMixin.fuse_projections`.
+        self.is_cross_attention = is_cross_attention
+        self.use_bias = bias
         self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
         self.to_k = nn.Linear(query_dim, inner_dim, bias=bias)
         self.to_v = nn.Linear(query_dim, inner_dim, bias=bias)
@@ -222,8 +254,10 @@ class MicroDiTTimestepEmbedding(nn.Module):
         self.linear_1 = nn.Linear(num_frequencies, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, timestep: torch.Tensor) -> torch.Tensor:
-        freqs = self.time_proj(timestep.float()).to(self.linear_1.weight.dtype)
+    def forward(self, timestep: torch.Tensor, hidden_dtype: torch.dtype) -> torch.Tensor:
+        # The compute dtype comes from the hidden states, never from the weights: under layerwise casting the
+        # weights are stored in a storage dtype (e.g. float8) and only cast for the duration of each linear.
+        freqs = self.time_proj(timestep.float()).to(hidden_dtype)
         return self.linear_2(F.gelu(self.linear_1(freqs), approximate="tanh"))
 
 
@@ -266,7 +300,7 @@ class MicroDiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=eps, bias=False)
         self.attn1 = MicroDiTAttention(dim, attn_dim, attn_dim // head_dim, bias=bias, eps=eps)
         self.norm2 = nn.LayerNorm(dim, eps=eps, bias=False)
-        self.attn2 = MicroDiTAttention(dim, dim, dim // head_dim, bias=bias, eps=eps)
+        self.attn2 = MicroDiTAttention(dim, dim, dim // head_dim, bias=bias, eps=eps, is_cross_attention=True)
         self.norm3 = nn.LayerNorm(dim, eps=eps, bias=False)
         self.ff = ff
         self.modulation = nn.Linear(cond_dim, 6 * dim)
@@ -305,11 +339,14 @@ def _init_block(block: MicroDiTBlock, out_std: float) -> None:
     nn.init.zeros_(block.modulation.weight)
 
 
-class MicroDiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin):
+class MicroDiTTransformer2DModel(
+    ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin, OriginalCheckpointLoaderMixin
+):
     """MicroDiT text-to-image transformer (EDM F-network) with patch mixer, deferred masking and expert-choice MoE.
 
     Defaults are `MicroDiT_XL_2` at 256 px (32x32 latents); `from_preset("MicroDiT_Tiny_2")` builds the other
-    original size, and `from_original(...)` converts the official micro_diffusion checkpoints.
+    original size, and `from_single_file(...)` (alias `from_original`) converts the official micro_diffusion
+    checkpoints.
 
     Args:
         sample_size: latent height/width the model was trained at (default resolution of the pipeline). Any
@@ -335,7 +372,12 @@ class MicroDiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAd
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["MicroDiTBlock"]
-    _skip_layerwise_casting_patterns = ["patch_embed", "norm"]
+    _repeated_blocks = ["MicroDiTBlock"]
+    # Kept in full precision under layerwise casting, as diffusers' PixArt keeps `adaln_single` and Flux/SD3 their
+    # `norm*.linear` modulations: the timestep embedding and adaLN modulations scale every block's activations, and
+    # the MoE routers make discrete expert choices that small weight errors flip. `norm` also covers
+    # `norm_out_modulation` and the mixer projections' norms.
+    _skip_layerwise_casting_patterns = ["patch_embed", "norm", "time_embedding", "modulation", "router"]
 
     @register_to_config
     def __init__(
@@ -454,6 +496,44 @@ class MicroDiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAd
             model = model.to(torch_dtype)
         return model.eval()
 
+    def enable_layerwise_casting(
+        self,
+        storage_dtype: torch.dtype = torch.float8_e4m3fn,
+        compute_dtype: torch.dtype | None = None,
+        skip_modules_pattern: tuple[str, ...] | None = None,
+        skip_modules_classes: tuple[Type[nn.Module], ...] | None = None,
+        non_blocking: bool = False,
+    ) -> None:
+        """[`ModelMixin.enable_layerwise_casting`], plus the expert weights of the MoE feed-forwards.
+
+        diffusers only hooks `nn.Linear`/`nn.Conv*`/`nn.Embedding` leaves, so the experts (plain parameters, most of
+        the weights of a MicroDiT) would stay in full precision. They are stored in `storage_dtype` too, unless a
+        skip pattern or class matches their module; [`MicroDiTExpertChoiceMoE`] casts them to the activations' dtype
+        on every call, which is the compute dtype.
+        """
+        super().enable_layerwise_casting(
+            storage_dtype, compute_dtype, skip_modules_pattern, skip_modules_classes, non_blocking
+        )
+        if skip_modules_pattern is None:
+            from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+            skip_modules_pattern = DEFAULT_SKIP_MODULES_PATTERN
+        # The same patterns as the parent: the given (or default) ones plus the class's own.
+        patterns = (*skip_modules_pattern, *(self._keep_in_fp32_modules or ()), *self._skip_layerwise_casting_patterns)
+        for name, module in self.named_modules():
+            if not isinstance(module, MicroDiTExpertChoiceMoE):
+                continue
+            parts = name.split(".")
+            prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]  # diffusers tests every ancestor
+            if any(re.search(pattern, prefix) for pattern in patterns for prefix in prefixes):
+                continue
+            if skip_modules_classes and any(
+                isinstance(self.get_submodule(prefix), skip_modules_classes) for prefix in prefixes
+            ):
+                continue
+            for param in (module.w_in, module.w_out):
+                param.data = param.data.to(storage_dtype, non_blocking=non_blocking)
+
     def initialize_weights(self) -> None:
         """The original's initialisation (only matters when training from scratch; loading overwrites it)."""
         depth = self.config.num_layers
@@ -499,6 +579,7 @@ class MicroDiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAd
             return self._gradient_checkpointing_func(block, x, context, cond)
         return block(x, context, cond)
 
+    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -506,6 +587,7 @@ class MicroDiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAd
         encoder_hidden_states: torch.Tensor,
         keep_ids: torch.Tensor | None = None,
         masking: str = "deferred",
+        attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
     ) -> MicroDiTTransformerOutput | tuple:
         """Run the network.
@@ -519,8 +601,21 @@ class MicroDiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAd
             masking: where `keep_ids` drops patches: `"deferred"` (the paper) after the patch mixer, so the mixer
                 sees every patch; `"naive"` right after patch embedding, so the mixer sees only kept patches (the
                 paper's ablation baseline).
+            attention_kwargs: `{"scale": s}` multiplies every LoRA adapter's strength by `s` for this call (pass it
+                by keyword; `apply_lora_scale` consumes it). MicroDiT's attention takes no other arguments.
             return_dict: return a [`MicroDiTTransformerOutput`] instead of a `(sample, mask)` tuple.
         """
+        if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
+            raise TypeError(
+                f"attention_kwargs must be a dict or None, got {type(attention_kwargs).__name__}; pass return_dict "
+                "by keyword (return_dict=...)."
+            )
+        if attention_kwargs:
+            raise ValueError(
+                f"MicroDiT's attention takes no extra arguments, but attention_kwargs holds "
+                f"{sorted(attention_kwargs)}. Only 'scale' (the LoRA strength) is supported, and only when "
+                "attention_kwargs is passed by keyword."
+            )
         batch, _, height, width = hidden_states.shape
         p = self.config.patch_size
         if height % p or width % p:
@@ -535,7 +630,7 @@ class MicroDiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAd
 
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(batch)
         context = self.caption_refiner(self.caption_projection(encoder_hidden_states))
-        cond = self.time_embedding(timestep) + self.pooled_caption_projection(context.mean(dim=1))
+        cond = self.time_embedding(timestep, x.dtype) + self.pooled_caption_projection(context.mean(dim=1))
 
         if masking not in ("deferred", "naive"):
             raise ValueError(f"masking must be 'deferred' or 'naive', got {masking!r}.")

@@ -31,10 +31,11 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 # attributes of the module recorded in model_index.json to find the component's `from_pretrained`.
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
-from diffusers.utils import logging
+from diffusers.utils import apply_lora_scale, logging
 from torch import nn
 
 from ..conversion.utils import load_state_dict_file, strip_prefixes
+from ..loaders.single_file import OriginalCheckpointLoaderMixin
 
 logger = logging.get_logger(__name__)
 
@@ -316,6 +317,16 @@ class PixArtKVTransformerBlock(BasicTransformerBlock):
         return hidden_states + gate_mlp * ff_output
 
 
+def check_lora_scale_applied(cross_attention_kwargs: dict | None) -> None:
+    """`apply_lora_scale` only sees keyword arguments; a positional dict would carry the LoRA scale, unapplied, to
+    the processors."""
+    if cross_attention_kwargs and "scale" in cross_attention_kwargs:
+        raise ValueError(
+            "cross_attention_kwargs['scale'] (the LoRA strength) was not applied: pass cross_attention_kwargs by "
+            "keyword (cross_attention_kwargs={'scale': ...})."
+        )
+
+
 def _mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """(B, L) keep-mask (1 keep, 0 drop) -> (B, 1, L) additive bias (0 / -10000), as diffusers' PixArt does; masks
     that already have 3 dims are taken to be biases and returned unchanged."""
@@ -324,7 +335,7 @@ def _mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
 
-class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin):
+class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin, OriginalCheckpointLoaderMixin):
     r"""PixArt-Σ transformer with optional KV token compression in selected self-attention layers.
 
     All [`PixArtTransformer2DModel`] arguments keep their meaning and defaults; a diffusers PixArt-Σ checkpoint
@@ -340,12 +351,16 @@ class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin
             parameter-free `"ave"`, `"uniform"`, `"uniform_every"`; see [`PixArtKVCompression`].
 
     To add compression to a loaded model use [`~PixArtSigmaKVTransformer2DModel.enable_kv_compression`]; to convert
-    an original PixArt-Σ `.pth` use [`~PixArtSigmaKVTransformer2DModel.from_original`]. Loading a checkpoint without
-    KV weights into a config with compressed layers initialises them with the paper's average init (with a warning).
+    an original PixArt-Σ `.pth` use [`~PixArtSigmaKVTransformer2DModel.from_single_file`] (or `from_original`).
+    Loading a checkpoint without KV weights into a config with compressed layers initialises them with the paper's
+    average init (with a warning).
     """
 
     _no_split_modules = ["PixArtKVTransformerBlock", "PatchEmbed"]
     _repeated_blocks = ["PixArtKVTransformerBlock"]
+    # PixArt's own patterns, plus the KV-compression modules: a depthwise conv of a few parameters per channel on the
+    # key/value path, which float8 storage would round for no memory gain (their LayerNorm is under `norm` already).
+    _skip_layerwise_casting_patterns = [*PixArtTransformer2DModel._skip_layerwise_casting_patterns, _KV_MODULE_NAME]
 
     @register_to_config
     def __init__(
@@ -455,7 +470,9 @@ class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin
             reference = attn.to_k.weight
             module = PixArtKVCompression(self.inner_dim, ratio, sampling)
             if reference.device.type != "meta":
-                module = module.to(device=reference.device, dtype=reference.dtype)
+                # `self.dtype`, not the weight's: under layerwise casting `to_k` is stored in float8, and `self.dtype`
+                # is then the compute dtype in which the (never cast) compression modules must live.
+                module = module.to(device=reference.device, dtype=self.dtype)
                 module.reset_parameters()  # after the move: also correct if construction ran under no_init_weights
             attn.add_module(_KV_MODULE_NAME, module)
             if not _processor_supports_kv(attn.processor):
@@ -593,6 +610,7 @@ class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin
 
     # ------------------------------------------------------------------ forward
 
+    @apply_lora_scale("cross_attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -612,13 +630,15 @@ class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin
             encoder_hidden_states: (B, L, caption_channels) text states ((B, 1, L, C) is accepted too).
             timestep: (B,) diffusion timesteps.
             added_cond_kwargs: `{"resolution": ..., "aspect_ratio": ...}` (required with additional conditions).
-            cross_attention_kwargs: extra keyword arguments for the attention processors.
+            cross_attention_kwargs: extra keyword arguments for the attention processors; its `"scale"` entry (pass
+                the dict by keyword) multiplies every LoRA adapter's strength for this call and is not forwarded.
             attention_mask: optional (B, N) keep-mask for self-attention (not allowed in compressed layers).
             encoder_attention_mask: (B, L) keep-mask (1 keep, 0 drop) or (B, 1, L) additive bias for the text.
             return_dict: return a `Transformer2DModelOutput` instead of a 1-tuple.
         """
         if self.use_additional_conditions and added_cond_kwargs is None:
             raise ValueError("`added_cond_kwargs` cannot be None when using additional conditions for `adaln_single`.")
+        check_lora_scale_applied(cross_attention_kwargs)
         attention_mask = _mask_to_bias(attention_mask, hidden_states.dtype)
         encoder_attention_mask = _mask_to_bias(encoder_attention_mask, hidden_states.dtype)
 

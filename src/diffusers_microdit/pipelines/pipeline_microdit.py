@@ -9,6 +9,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.autoencoders import AutoencoderKL, AutoencoderTiny
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
@@ -25,7 +26,7 @@ EXAMPLE_DOC_STRING = """
         >>> import diffusers_microdit  # makes the MicroDiT classes known to diffusers
         >>> from diffusers import DiffusionPipeline
 
-        >>> pipe = DiffusionPipeline.from_pretrained("path/to/microdit-pipeline", torch_dtype=torch.bfloat16)
+        >>> pipe = DiffusionPipeline.from_pretrained("path/to/microdit-pipeline", dtype=torch.bfloat16)
         >>> image = pipe("An astronaut riding a horse in Origami style", generator=torch.manual_seed(0)).images[0]
         ```
 """
@@ -95,6 +96,10 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
     def interrupt(self) -> bool:
         return self._interrupt
 
+    @property
+    def attention_kwargs(self) -> dict | None:
+        return self._attention_kwargs
+
     def _encode_text(self, prompt: list[str], device: torch.device) -> torch.Tensor:
         tokens = self.tokenizer(
             prompt,
@@ -153,6 +158,8 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
         latents=None,
         output_type="pil",
         callback_on_step_end_tensor_inputs=None,
+        timesteps=None,
+        sigmas=None,
     ):
         multiple = self.vae_scale_factor * self.transformer.config.patch_size
         for name, size in (("height", height), ("width", width)):
@@ -161,7 +168,12 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
                     f"`{name}` must be a positive multiple of {multiple} (VAE factor {self.vae_scale_factor} x patch "
                     f"size {self.transformer.config.patch_size}), got {size!r}."
                 )
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Pass either `timesteps` or `sigmas` (a custom schedule), not both.")
+        custom_schedule = timesteps if timesteps is not None else sigmas
+        if custom_schedule is not None and len(custom_schedule) < 1:
+            raise ValueError("A custom `timesteps` / `sigmas` schedule needs at least one value.")
+        if custom_schedule is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
         if not isinstance(guidance_scale, (int, float)):
             raise ValueError(f"`guidance_scale` must be a number, got {type(guidance_scale).__name__}.")
@@ -246,6 +258,8 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 30,
+        timesteps: list[float] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 5.0,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -256,6 +270,7 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images.
 
@@ -265,7 +280,13 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
                 caption (all-zero embeddings), as the original does.
             height, width: image size in pixels, multiples of `vae_scale_factor * patch_size`; default is the
                 transformer's training resolution.
-            num_inference_steps: scheduler steps (the Heun scheduler makes 2N-1 network evaluations).
+            num_inference_steps: solver steps (the Heun scheduler makes 2N-1 network evaluations); the progress
+                bar counts steps, the callback is called after every evaluation.
+            timesteps: a custom schedule in timestep units (`ln(sigma) / 4`, decreasing), one value per solver step,
+                for schedulers whose `set_timesteps` takes `timesteps` (`EDMHeunScheduler` does).
+            sigmas: a custom schedule as diffusers' EDM schedulers take it: positions in [0, 1] along the
+                scheduler's sigma schedule (0 = sigma_max, 1 = sigma_min), one per solver step;
+                `numpy.linspace(0, 1, N)` is the default N-step schedule.
             guidance_scale: classifier-free guidance; disabled at <= 1.
             num_images_per_prompt: images per prompt.
             generator: torch generator(s) for reproducible noise.
@@ -277,6 +298,8 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
             callback_on_step_end: called as `fn(pipe, step, timestep, callback_kwargs)` after every step; may return
                 replacements for the tensors named in `callback_on_step_end_tensor_inputs`.
             callback_on_step_end_tensor_inputs: which of `latents`, `prompt_embeds`, `negative_prompt_embeds` to pass.
+            attention_kwargs: passed to the transformer; `{"scale": s}` scales the loaded LoRA adapters for this call
+                only (0 gives the base model).
         Examples:
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -297,8 +320,11 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
             latents,
             output_type,
             callback_on_step_end_tensor_inputs,
+            timesteps,
+            sigmas,
         )
         self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
         self._interrupt = False
         device = self._execution_device
 
@@ -311,9 +337,11 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
             prompt_embeds,
             negative_prompt_embeds,
         )
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
         self._num_timesteps = len(timesteps)
+        # A second-order scheduler evaluates the network `order` times per solver step (the last step once).
+        order = self.scheduler.order
+        num_solver_steps = -(-len(timesteps) // order)
         # The sampler works in float32 whatever the transformer runs in.
         latents = self.prepare_latents(
             batch_size * num_images_per_prompt,
@@ -327,7 +355,7 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
         )
         model_dtype = self.transformer.dtype
 
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        with self.progress_bar(total=num_solver_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
@@ -340,6 +368,7 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
                     model_input.to(model_dtype),
                     t.expand(model_input.shape[0]),
                     context.to(model_dtype),
+                    attention_kwargs=self.attention_kwargs,
                 ).sample.float()
                 if self.do_classifier_free_guidance:
                     uncond, cond = model_output.chunk(2)
@@ -354,7 +383,8 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-                progress_bar.update()
+                if (i + 1) % order == 0 or i == len(timesteps) - 1:
+                    progress_bar.update()
 
         if output_type == "latent":
             image = latents

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 from diffusers.models.autoencoders import AutoencoderKL
-from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import PixArtSigmaPipeline
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..loaders.lora import TransformerLoraLoaderMixin
 from ..models.transformer_pixart_kv import PixArtSigmaKVTransformer2DModel
+from .pipeline_pixart_sigma_family import PixArtSigmaFamilyPipeline
 
 
-class PixArtSigmaKVPipeline(PixArtSigmaPipeline, TransformerLoraLoaderMixin):
-    r"""[`PixArtSigmaPipeline`] with a [`PixArtSigmaKVTransformer2DModel`] transformer.
+class PixArtSigmaKVPipeline(PixArtSigmaFamilyPipeline):
+    r"""PixArt-Σ text-to-image sampling ([`PixArtSigmaFamilyPipeline`]) with a [`PixArtSigmaKVTransformer2DModel`].
 
     Sampling, classifier-free guidance, learned-sigma handling and multi-aspect-ratio resolution binning are
-    diffusers' own, unchanged; the KV model also works in `PixArtSigmaPipeline` itself. This class exists so that a
-    saved KV pipeline records its own name in `model_index.json` and reloads with the KV transformer class.
+    PixArt-Σ's; the KV model also works in diffusers' `PixArtSigmaPipeline` itself. This class records its own name
+    in `model_index.json`, so a saved KV pipeline reloads with the KV transformer class, and adds LoRA loading and
+    the arguments of current diffusers pipelines (`attention_kwargs`, `callback_on_step_end`).
 
     Components:
         tokenizer: T5 tokenizer (any fast tokenizer with a pad token works).

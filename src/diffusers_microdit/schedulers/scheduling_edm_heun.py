@@ -120,12 +120,21 @@ class EDMHeunScheduler(EDMEulerScheduler, SchedulerMixin, ConfigMixin):
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
         sigmas: torch.Tensor | list[float] | None = None,
+        timesteps: torch.Tensor | list[float] | None = None,
     ) -> None:
         """Noise levels and timesteps for `num_inference_steps` Heun steps (`2N - 1` network evaluations).
 
         `sigmas`, as in [`~diffusers.EDMEulerScheduler.set_timesteps`], are positions in [0, 1] along the
-        schedule (0 = sigma_max, 1 = sigma_min), not noise levels; they override `num_inference_steps`.
+        schedule (0 = sigma_max, 1 = sigma_min), not noise levels. `timesteps` are the noise levels themselves in
+        timestep units (`c_noise = ln(sigma) / 4`, decreasing), one per solver step; the final level (0 or
+        sigma_min) is appended as usual. Either overrides `num_inference_steps`.
         """
+        if sigmas is not None and timesteps is not None:
+            raise ValueError("Pass either `sigmas` or `timesteps`, not both.")
+        if timesteps is not None:
+            noise_conditioning = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
+            self._set_noise_levels(torch.exp(4 * noise_conditioning), device)  # inverts c_noise = ln(sigma) / 4
+            return
         if sigmas is not None:
             ramp = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).cpu()
         else:
@@ -135,13 +144,19 @@ class EDMHeunScheduler(EDMEulerScheduler, SchedulerMixin, ConfigMixin):
             ramp = torch.arange(num_inference_steps, dtype=torch.float64) / max(num_inference_steps - 1, 1)
         if ramp.numel() < 1:
             raise ValueError("`sigmas` must contain at least one value.")
-        self.num_inference_steps = ramp.numel()
-
         if self.config.sigma_schedule == "karras":
             levels = self._compute_karras_sigmas(ramp)
         else:
             levels = self._compute_exponential_sigmas(ramp)
-        levels = levels.to(torch.float64)
+        self._set_noise_levels(levels.to(torch.float64), device)
+
+    def _set_noise_levels(self, levels: torch.Tensor, device: str | torch.device | None) -> None:
+        """Build the interleaved evaluation schedule from the solver's noise levels s_0 > ... > s_{N-1} > 0."""
+        if levels.numel() < 1:
+            raise ValueError("A custom schedule must contain at least one noise level.")
+        if not (torch.isfinite(levels).all() and (levels > 0).all() and (levels[1:] < levels[:-1]).all()):
+            raise ValueError("Custom noise levels must be finite, positive and strictly decreasing.")
+        self.num_inference_steps = levels.numel()
         final = levels[-1:] if self.config.final_sigmas_type == "sigma_min" else torch.zeros(1, dtype=torch.float64)
         step_sigmas = torch.cat([levels, final])
         self.step_sigmas = step_sigmas  # s_0 .. s_N (float64), one per solver step plus the final level

@@ -1,5 +1,6 @@
 """LoRA finetuning on the shared training core (examples/train_lora.py): a peft adapter on the pipeline's transformer,
-checkpoints that hold only the adapter, and `pytorch_lora_weights.safetensors` with a model card as the output."""
+checkpoints that hold only the adapter (as a loadable LoRA), and `pytorch_lora_weights.safetensors` with a model card
+as the output."""
 
 from __future__ import annotations
 
@@ -8,17 +9,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 
 from ..hub import save_lora_with_card
-from ..loaders.lora import MICRODIT_LORA_TARGET_MODULES, PIXART_LORA_TARGET_MODULES
+from ..loaders.lora import MICRODIT_LORA_TARGET_MODULES, PIXART_LORA_TARGET_MODULES, TransformerLoraLoaderMixin
 from ..models.transformer_microdit import MicroDiTTransformer2DModel
 from .trainer import DiffusionTrainer
 
-ADAPTER_CHECKPOINT_FILE = "adapter_model.safetensors"
+# Where checkpoints before the adapter moved to the checkpoint's top level kept it (read on resume only).
+LEGACY_ADAPTER_CHECKPOINT_FILE = "adapter_model.safetensors"
 
 
 def add_lora_args(parser: argparse.ArgumentParser) -> None:
@@ -81,17 +83,48 @@ def add_lora_adapter(transformer: torch.nn.Module, args: argparse.Namespace, wei
 
 class LoraTrainer(DiffusionTrainer):
     """`DiffusionTrainer` whose checkpoints hold only the LoRA adapter and whose output is the adapter file
-    `pytorch_lora_weights.safetensors` (with a model card) in `--output_dir`, where `load_lora_weights` finds it."""
+    `pytorch_lora_weights.safetensors` (with a model card) in `--output_dir`, where `load_lora_weights` finds it.
+
+    Each `checkpoint-N/` keeps the adapter as `pytorch_lora_weights.safetensors` too (pipeline format, peft config in
+    the header), so `pipe.load_lora_weights("out/checkpoint-N")` loads it at the trained strength, and resuming
+    reads the same file: the adapter is stored once, and there is no `transformer/` subfolder to load by mistake.
+    """
 
     def save_model_weights(self, model: torch.nn.Module, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(get_peft_model_state_dict(model), folder / ADAPTER_CHECKPOINT_FILE)
+        # `folder` is `checkpoint-N/<model_name>`; the adapter goes one level up, next to Accelerate's optimizer and
+        # scheduler files, whose names diffusers' weight-name guess skips, so it is the file a LoRA loader picks.
+        adapter = model.active_adapters()[0]
+        TransformerLoraLoaderMixin.save_lora_weights(
+            folder.parent,
+            transformer_lora_layers=get_peft_model_state_dict(model, adapter_name=adapter),
+            # Without the config a loader assumes lora_alpha == r: a weaker (or stronger) adapter than trained.
+            transformer_lora_adapter_metadata=model.peft_config[adapter].to_dict(),
+        )
 
     def load_model_weights(self, model: torch.nn.Module, folder: Path) -> None:
-        result = set_peft_model_state_dict(model, load_file(folder / ADAPTER_CHECKPOINT_FILE))
+        path, prefix = folder.parent / LORA_WEIGHT_NAME_SAFE, f"{TransformerLoraLoaderMixin.transformer_name}."
+        if not path.is_file():  # a checkpoint written before the adapter moved to the checkpoint's top level
+            path, prefix = folder / LEGACY_ADAPTER_CHECKPOINT_FILE, ""
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{folder.parent} holds no {LORA_WEIGHT_NAME_SAFE}: resume from a checkpoint-N folder of a "
+                "train_lora.py run."
+            )
+        adapter = model.active_adapters()[0]
+        config = model.peft_config[adapter]
+        weights, metadata = TransformerLoraLoaderMixin.lora_state_dict(path, return_lora_metadata=True)
+        saved = {key.removeprefix(prefix): value for key, value in (metadata or {}).items()}
+        for name, flag in (("r", "--rank"), ("lora_alpha", "--lora_alpha")):
+            if name in saved and saved[name] != getattr(config, name):
+                raise RuntimeError(
+                    f"{path} was trained with {name}={saved[name]}, this run has {getattr(config, name)}: resume "
+                    f"with {flag} {saved[name]}."
+                )
+        weights = {key.removeprefix(prefix): value for key, value in weights.items()}
+        result = set_peft_model_state_dict(model, weights, adapter_name=adapter)
         if result.unexpected_keys or any("lora_" in key for key in result.missing_keys):
             raise RuntimeError(
-                f"{folder} does not hold the LoRA weights of this adapter: resume "
+                f"{path} does not hold the LoRA weights of this adapter: resume "
                 "with the --rank and --lora_target_modules the checkpoint was trained with."
             )
 
