@@ -25,7 +25,8 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 
 import diffusers_microdit  # noqa: F401  (registers the package's classes with diffusers)
 from diffusers_microdit.training.args import add_image_caption_source_args, resolve_pipeline_path
-from diffusers_microdit.training.data import ASPECT_RATIO_BINS, load_image_caption_source, precompute_embeddings
+from diffusers_microdit.training.precompute import precompute_embeddings
+from diffusers_microdit.training.sources import ASPECT_RATIO_BINS, load_image_caption_source
 
 
 def parse_args(argv=None) -> argparse.Namespace:

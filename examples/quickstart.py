@@ -32,7 +32,8 @@ from transformers import AutoModel, AutoTokenizer
 
 import diffusers_microdit  # noqa: F401  (registers the package's classes with diffusers)
 from diffusers_microdit import EDMHeunScheduler, MicroDiTPipeline
-from diffusers_microdit.data.shapes import CATEGORIES, ShapesEval, build_shapes_dataset, held_out_prompts
+from diffusers_microdit.data.shapes import CATEGORIES, build_shapes_dataset, held_out_prompts
+from diffusers_microdit.data.shapes_eval import ShapesEval
 from diffusers_microdit.training.autoencoder import load_shapes_autoencoder
 from diffusers_microdit.training.reporting import LossHistory, image_grid
 
@@ -40,7 +41,6 @@ HERE = Path(__file__).resolve().parent
 RESOLUTION = 32
 SIGMA_DATA = 0.5  # latents are scaled to this std, and EDM preconditions with it
 TEXT_MAX_LENGTH = 16  # the longest shapes caption is 14 MiniLM tokens
-TRANSFORMER_NO_MOE = 10**6  # experts_every_n larger than the depth: no block gets experts
 # 2.0M parameters, 8x8 latent patches of 1 -> 64 tokens. Small and fast beats big and slow on 2 cores; MoE is
 # off because at this width the expert routing costs more time than its extra capacity returns.
 TRANSFORMER = dict(
@@ -51,8 +51,7 @@ TRANSFORMER = dict(
     multiple_of=32,
     patch_mixer_layers=1,
     patch_mixer_hidden_size=128,
-    num_experts=1,
-    experts_every_n=TRANSFORMER_NO_MOE,
+    num_experts=0,  # no expert-choice MoE
 )
 # (name, mask ratio, optimizer steps, learning rate, LR schedule). Stage 2 decays the LR linearly to 0, which
 # turns its last steps into an annealing phase; a masked step costs about 0.55 of an unmasked one here.

@@ -203,18 +203,15 @@ def attach_teacher(teacher: torch.nn.Module, device: torch.device, dtype: torch.
 
 class DistillationLog:
     """Logs the loss terms (`diffusion`, `kd_noise`, `kd_variance`) to the trackers once per optimizer step, averaged
-    over its micro-batches and all processes, next to the trainer's `loss`. Off until `enabled`, so the trainer's
-    one FLOP-counting call of the loss in `prepare` is not logged."""
+    over its micro-batches and all processes, next to the trainer's `loss`. The trainer calls the loss only for
+    training steps (it counts FLOPs on the first of them), so every call is logged."""
 
     def __init__(self, trainer: DiffusionTrainer):
         self.trainer = trainer
-        self.enabled = False
         self.sums = torch.zeros(len(LiTDistillationTerms._fields))
         self.micro_batches = 0
 
     def add(self, terms: LiTDistillationTerms) -> None:
-        if not self.enabled:
-            return
         accelerator = self.trainer.accelerator
         means = torch.stack([term.detach().float().mean() for term in terms])
         self.sums += accelerator.gather(means[None]).mean(dim=0).cpu()  # a collective: every process calls it
@@ -259,22 +256,22 @@ def main(argv=None) -> None:
     teacher = pipeline.transformer
     student = build_student(args, teacher, pipeline.vae_scale_factor)  # before the teacher is cast: float32
     native = teacher.config.sample_size * pipeline.vae_scale_factor
-    args.resolution = args.resolution or native
-    if args.resolution != native:
+    resolution = args.resolution or native
+    if resolution != native:
         raise SystemExit(
-            f"The teacher is a {native}-px model and --resolution is {args.resolution}: distil at the teacher's "
-            f"resolution (move a teacher to {args.resolution} px first with train_pixart_kv.py --resolution)."
+            f"The teacher is a {native}-px model and --resolution is {resolution}: distil at the teacher's "
+            f"resolution (move a teacher to {resolution} px first with train_pixart_kv.py --resolution)."
         )
     noise_scheduler = training_noise_scheduler(pipeline)
 
-    dataset, collate_fn, batch_sampler = load_training_data(args)
+    dataset, collate_fn, batch_sampler = load_training_data(args, resolution)
     first_row = next(iter(dataset))
     check_cache_fits(first_row, teacher)
     null_embeds, null_mask = null_caption(pipeline, first_row["prompt_embeds"].shape[0])
     attach_teacher(teacher, trainer.device, trainer.weight_dtype, args.teacher_cpu_offload)
     trainer.accelerator.print(
         f"LiT ({student.config.linear_attention_heads} linear-attention heads) distilled from PixArt-Sigma at "
-        f"{args.resolution} px: loss = diffusion + {args.lambda_noise} * kd_noise + {args.lambda_variance} * "
+        f"{resolution} px: loss = diffusion + {args.lambda_noise} * kd_noise + {args.lambda_variance} * "
         f"kd_variance ({args.kd_variance_target}), teacher "
         + ("offloaded to the CPU" if args.teacher_cpu_offload else "on the device")
     )
@@ -290,7 +287,6 @@ def main(argv=None) -> None:
         teacher, noise_scheduler, null_embeds, null_mask, args, trainer.accelerator.autocast, log
     )
     trainer.prepare(student, dataset, compute_loss, collate_fn, batch_sampler)
-    log.enabled = True
     trainer.train(build_pipeline)
     trainer.finish(build_pipeline)
 

@@ -47,10 +47,12 @@ from diffusers_microdit.training.args import (
     check_training_args,
     resolve_pipeline_path,
 )
-from diffusers_microdit.training.data import load_image_caption_source, load_training_data, precompute_embeddings
+from diffusers_microdit.training.data import load_training_data
 from diffusers_microdit.training.lora import LoraTrainer, add_lora_adapter, add_lora_args, check_lora_args
 from diffusers_microdit.training.losses import microdit_objective, pixart_objective
 from diffusers_microdit.training.pixart import check_cache_fits, null_caption, training_noise_scheduler
+from diffusers_microdit.training.precompute import precompute_embeddings
+from diffusers_microdit.training.sources import load_image_caption_source
 
 # Pipeline found at --init_from -> (pipeline class trained and saved, transformer class loaded).
 LORA_PIPELINES = {
@@ -114,9 +116,9 @@ def load_pipeline(args) -> DiffusionPipeline:
     return pipeline_class(**{**base.components, "transformer": transformer})
 
 
-def encode_raw_data(args, pipeline, trainer: LoraTrainer) -> None:
+def encode_raw_data(args, pipeline, trainer: LoraTrainer, resolution: int) -> list[str]:
     """Encode --dataset_name / --train_data_dir into --output_dir/cache on the main process (resumable: a rerun keeps
-    finished shards) and train from it."""
+    finished shards); returns the cache folders to train from."""
     cache = Path(args.output_dir) / "cache"
     if trainer.accelerator.is_main_process:
         source = load_image_caption_source(
@@ -125,23 +127,22 @@ def encode_raw_data(args, pipeline, trainer: LoraTrainer) -> None:
         buckets = [args.aspect_ratio_buckets] if args.aspect_ratio_buckets else []
         pipeline.to(trainer.device)
         precompute_embeddings(
-            pipeline, source, cache, [] if buckets else [args.resolution], args.image_column, args.caption_column,
+            pipeline, source, cache, [] if buckets else [resolution], args.image_column, args.caption_column,
             max_samples=args.max_samples, seed=args.seed, aspect_ratio_buckets=buckets,
         )
         pipeline.to("cpu")
     trainer.accelerator.wait_for_everyone()
-    args.precomputed_dataset = [str(cache)]
+    return [str(cache)]
 
 
-def make_compute_loss(args, pipeline, first_row: dict):
-    """The family's objective (`compute_loss(model, batch, draws)`)."""
+def make_compute_loss(args, pipeline, first_row: dict, resolution: int):
+    """The family's objective (`compute_loss(model, batch, draws)`) at `resolution` px."""
     transformer = pipeline.transformer
     if isinstance(pipeline, MicroDiTPipeline):
-        nearest_stage = min(MICRODIT_P_MEAN_STD, key=lambda size: abs(size - args.resolution))
+        nearest_stage = min(MICRODIT_P_MEAN_STD, key=lambda size: abs(size - resolution))
         p_mean, p_std = MICRODIT_P_MEAN_STD[nearest_stage]
-        num_tokens = (transformer.config.sample_size // transformer.config.patch_size) ** 2
         return microdit_objective(
-            pipeline.scheduler, num_tokens, mask_ratio=0.0,
+            pipeline.scheduler, mask_ratio=0.0, masking="none",
             p_mean=p_mean if args.p_mean is None else args.p_mean, p_std=p_std if args.p_std is None else args.p_std,
             caption_dropout=args.caption_dropout,
         )
@@ -156,22 +157,21 @@ def main(argv=None) -> None:
     pipeline = load_pipeline(args)
     transformer = pipeline.transformer
     native = transformer.config.sample_size * pipeline.vae_scale_factor
-    args.resolution = args.resolution or native
-    if args.resolution != native:
+    resolution = args.resolution or native
+    if resolution != native:
         raise SystemExit(
-            f"The pipeline is a {native}-px model and --resolution is {args.resolution}: LoRA trains at the model's "
+            f"The pipeline is a {native}-px model and --resolution is {resolution}: LoRA trains at the model's "
             "resolution (train another resolution first with the family's train_*.py script)."
         )
     raw_source = args.dataset_name or args.train_data_dir
-    if raw_source:
-        encode_raw_data(args, pipeline, trainer)
+    cache_dirs = encode_raw_data(args, pipeline, trainer, resolution) if raw_source else args.precomputed_dataset
 
-    dataset, collate_fn, batch_sampler = load_training_data(args)
-    compute_loss = make_compute_loss(args, pipeline, next(iter(dataset)))
+    dataset, collate_fn, batch_sampler = load_training_data(args, resolution, cache_dirs)
+    compute_loss = make_compute_loss(args, pipeline, next(iter(dataset)), resolution)
     config = add_lora_adapter(transformer, args, trainer.weight_dtype)
     trainer.accelerator.print(
         f"LoRA rank {config.r} (alpha {config.lora_alpha}) on {type(transformer).__name__} "
-        f"[{', '.join(sorted(config.target_modules))}] at {args.resolution} px"
+        f"[{', '.join(sorted(config.target_modules))}] at {resolution} px"
     )
 
     def build_pipeline(model) -> DiffusionPipeline:

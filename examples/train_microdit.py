@@ -56,8 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         errors.append("--init_from (or --pretrained_model_name_or_path) is required: a MicroDiT pipeline folder.")
     if not 0.0 <= args.mask_ratio < 1.0:
         errors.append(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}.")
-    if args.masking == "none" and args.mask_ratio > 0:
-        args.mask_ratio = 0.0
     if not 0.0 <= args.caption_dropout < 1.0:
         errors.append(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
     config = args.transformer_config
@@ -66,12 +64,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     if errors:
         raise SystemExit("Invalid arguments:\n  " + "\n  ".join(errors))
     args.pretrained_model_name_or_path = resolve_pipeline_path(args.pretrained_model_name_or_path)
+    if args.resolution is None and args.transformer_config is not None:
+        # A new transformer is sized for the training resolution: the one size every cache holds.
+        resolutions = sorted(set.intersection(*(set(cached_resolutions(d)) for d in args.precomputed_dataset)))
+        if len(resolutions) != 1:
+            raise SystemExit(f"Pick the training size with --resolution (the caches hold {resolutions}).")
+        args.resolution = resolutions[0]
     return args
 
 
 def build_transformer(args, pipeline: MicroDiTPipeline) -> MicroDiTTransformer2DModel:
     """A new transformer (--transformer_config) sized for the VAE and text encoder, or the loaded one, with its
-    latent size and position interpolation moved to --resolution as the original's 256 -> 512 px stage does."""
+    latent size and position interpolation moved to --resolution (if given) as the original's 256 -> 512 px stage
+    does."""
     vae_factor = vae_scale_factor_of(pipeline.vae)
     if args.transformer_config is not None:
         if args.transformer_config in MICRODIT_PRESETS:
@@ -103,24 +108,21 @@ def main(argv=None) -> None:
         raise SystemExit(f"--init_from must be a MicroDiT pipeline, got {type(pipeline).__name__}.")
     for frozen in (pipeline.vae, pipeline.text_encoder):
         frozen.requires_grad_(False).eval()
-    if args.resolution is None and args.transformer_config is not None:
-        resolutions = sorted(set.intersection(*(set(cached_resolutions(d)) for d in args.precomputed_dataset)))
-        if len(resolutions) != 1:
-            raise SystemExit(f"Pick the training size with --resolution (the caches hold {resolutions}).")
-        args.resolution = resolutions[0]
     transformer = build_transformer(args, pipeline)
-    args.resolution = args.resolution or transformer.config.sample_size * vae_scale_factor_of(pipeline.vae)
+    # Without --resolution the loaded transformer's native size is trained; known only now, so kept local.
+    resolution = args.resolution or transformer.config.sample_size * vae_scale_factor_of(pipeline.vae)
     scheduler = pipeline.scheduler
     num_tokens = (transformer.config.sample_size // transformer.config.patch_size) ** 2
-    masking = f"{args.masking} {args.mask_ratio:.0%}" if args.mask_ratio > 0 else "none"
-    trainer.accelerator.print(f"MicroDiT at {args.resolution} px ({num_tokens} patches), masking: {masking}")
+    masking = f"{args.masking} {args.mask_ratio:.0%}" if args.mask_ratio > 0 and args.masking != "none" else "none"
+    trainer.accelerator.print(f"MicroDiT at {resolution} px ({num_tokens} patches), masking: {masking}")
 
     dataset = load_precomputed(
-        args.precomputed_dataset, args.resolution, args.precomputed_dataset_probabilities, args.streaming, args.seed
+        args.precomputed_dataset, resolution, args.precomputed_dataset_probabilities, args.streaming, args.seed
     )
 
+    # The objective owns masking: it gets the user's --masking and --mask_ratio as given.
     compute_loss = microdit_objective(
-        scheduler, num_tokens, args.mask_ratio, args.masking, args.p_mean, args.p_std, args.caption_dropout
+        scheduler, args.mask_ratio, args.masking, args.p_mean, args.p_std, args.caption_dropout
     )
 
     def build_pipeline(model) -> MicroDiTPipeline:

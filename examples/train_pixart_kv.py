@@ -38,7 +38,7 @@ from diffusers_microdit.training.args import (
     check_training_args,
     resolve_pipeline_path,
 )
-from diffusers_microdit.training.data import ASPECT_RATIO_BINS, load_training_data
+from diffusers_microdit.training.data import load_training_data
 from diffusers_microdit.training.losses import pixart_objective
 from diffusers_microdit.training.pixart import (
     check_cache_fits,
@@ -46,6 +46,7 @@ from diffusers_microdit.training.pixart import (
     null_caption,
     training_noise_scheduler,
 )
+from diffusers_microdit.training.sources import ASPECT_RATIO_BINS
 from diffusers_microdit.training.trainer import DiffusionTrainer
 
 DEEPER_HALF = "deeper_half"
@@ -151,25 +152,25 @@ def main(argv=None) -> None:
     transformer = pipeline.transformer
     factor = pipeline.vae_scale_factor
     native = transformer.config.sample_size * factor
-    args.resolution = args.resolution or native
-    if args.resolution % (factor * transformer.config.patch_size):
+    resolution = args.resolution or native  # the loaded model's size unless --resolution moves it
+    if resolution % (factor * transformer.config.patch_size):
         raise SystemExit(f"--resolution must be a multiple of {factor * transformer.config.patch_size} px.")
-    if args.resolution != native:
-        move_to_resolution(transformer, args.resolution, factor)
-    if args.validation_prompts and args.resolution not in ASPECT_RATIO_BINS:
+    if resolution != native:
+        move_to_resolution(transformer, resolution, factor)
+    if args.validation_prompts and resolution not in ASPECT_RATIO_BINS:
         raise SystemExit(
-            f"Validation at {args.resolution} px is impossible: PixArtSigmaPipeline only samples models of "
+            f"Validation at {resolution} px is impossible: PixArtSigmaPipeline only samples models of "
             f"{sorted(ASPECT_RATIO_BINS)} px (its aspect-ratio bins). Drop --validation_prompts or pick one of those."
         )
     noise_scheduler = training_noise_scheduler(pipeline)
 
-    dataset, collate_fn, batch_sampler = load_training_data(args)
+    dataset, collate_fn, batch_sampler = load_training_data(args, resolution)
     first_row = next(iter(dataset))
     check_cache_fits(first_row, transformer)
     null_embeds, null_mask = null_caption(pipeline, first_row["prompt_embeds"].shape[0])
     kv = transformer.kv_compressed_layers
     trainer.accelerator.print(
-        f"PixArt-Sigma at {args.resolution} px"
+        f"PixArt-Sigma at {resolution} px"
         + (f" (aspect-ratio buckets, {len(batch_sampler)} batches per epoch)" if batch_sampler else "")
         + (f", KV compression x{transformer.config.kv_compress_ratio} in blocks {kv}" if kv else ", no KV compression")
     )

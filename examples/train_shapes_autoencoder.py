@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from diffusers_microdit.data.shapes import ShapesEval, build_shapes_dataset
+from diffusers_microdit.data.shapes import build_shapes_dataset
+from diffusers_microdit.data.shapes_eval import ShapesEval
 from diffusers_microdit.training.autoencoder import (
     calibrate_latent_scale,
     psnr_from_mse,
     tiny_autoencoder,
     train_autoencoder,
 )
-from diffusers_microdit.training.data import image_to_pixels
+from diffusers_microdit.training.sources import image_to_pixels
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from diffusers_microdit import LiTTransformer2DModel, MicroDiTTransformer2DModel, PixArtSigmaKVTransformer2DModel
 from diffusers_microdit.loaders import MICRODIT_LORA_TARGET_MODULES, PIXART_LORA_TARGET_MODULES
 from diffusers_microdit.models.transformer_lit import LiTLinearAttnProcessor
-from diffusers_microdit.models.transformer_microdit import MicroDiTExpertChoiceMoE
+from diffusers_microdit.models.microdit_layers import MicroDiTExpertChoiceMoE
 from diffusers_microdit.models.transformer_pixart_kv import PixArtKVAttnProcessor2_0
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one intra-op thread
@@ -387,3 +387,68 @@ def test_lora_scale_must_be_passed_by_keyword(family):
         positional = (x["hidden_states"], x["encoder_hidden_states"], x["timestep"], x["added_cond_kwargs"])
         with pytest.raises(ValueError, match="by keyword"):
             model(*positional, {"scale": 0.5})
+
+
+# ---------------------------------------------------------------------------------------------- import layering
+
+
+def _package_import_graph() -> dict[str, set[str]]:
+    """Module -> package modules it imports (every import statement, also those inside functions), from the source."""
+    import ast
+    from pathlib import Path
+
+    root = Path(diffusers_microdit_package_dir())
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = ("diffusers_microdit", *path.relative_to(root).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(node.level - 1):
+                    base = base.rsplit(".", 1)[0]
+                base = (f"{base}.{node.module}" if node.module else base) if node.level else (node.module or "")
+                targets = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules] or [base]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for target in targets:
+                parts = target.split(".")
+                # Importing a.b.c runs the sub-package __init__s on the way (not the root's, which imports all).
+                edges.update(".".join(parts[:i]) for i in range(2, len(parts) + 1))
+        graph[name] = {e for e in edges if e in modules and e != name}
+    return graph
+
+
+def diffusers_microdit_package_dir() -> str:
+    import os
+
+    import diffusers_microdit
+
+    return os.path.dirname(diffusers_microdit.__file__)
+
+
+def test_models_never_import_conversion_and_there_is_no_import_cycle():
+    graph = _package_import_graph()
+    for module, imports in graph.items():
+        if module.startswith("diffusers_microdit.models"):
+            assert not [m for m in imports if m.startswith("diffusers_microdit.conversion")], module
+
+    def cycle_from(start, node, seen):
+        for target in graph[node]:
+            if target == start:
+                return [node, target]
+            if target not in seen:
+                seen.add(target)
+                path = cycle_from(start, target, seen)
+                if path:
+                    return [node, *path]
+        return None
+
+    for module in graph:
+        assert cycle_from(module, module, {module}) is None, f"import cycle through {module}"

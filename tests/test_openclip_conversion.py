@@ -10,12 +10,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from helpers import FIXTURES
 
-from diffusers_microdit.conversion.openclip import (
-    OPENCLIP_CONTEXT_LENGTH,
-    configure_openclip_tokenizer,
-    convert_openclip_text_encoder,
-    openclip_text_state_dict_to_transformers,
-)
+from diffusers_microdit.conversion.openclip import convert_openclip_text_encoder, openclip_text_state_dict_to_transformers
+from diffusers_microdit.pipelines.openclip_tokenizer import OPENCLIP_CONTEXT_LENGTH, configure_openclip_tokenizer
 
 FIXTURE_DIR = FIXTURES / "openclip_text"
 STATE_DICT_FILE = FIXTURE_DIR / "openclip_text_public_state_dict.safetensors"

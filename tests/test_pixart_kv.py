@@ -21,11 +21,11 @@ from helpers import (
 from safetensors.torch import load_file, save_file
 
 import diffusers_microdit  # noqa: F401  (registers the package's pipelines with diffusers)
+from diffusers_microdit.conversion.pixart_sigma import convert_pixart_sigma_checkpoint
 from diffusers_microdit.models.transformer_pixart_kv import (
     PixArtKVAttnProcessor2_0,
     PixArtKVCompression,
     PixArtSigmaKVTransformer2DModel,
-    convert_pixart_sigma_checkpoint,
 )
 from diffusers_microdit.pipelines.pipeline_pixart_kv import PixArtSigmaKVPipeline
 

@@ -17,7 +17,6 @@ from diffusers_microdit.data.shapes import (
     SHAPES,
     Caption,
     Phrase,
-    ShapesEval,
     article,
     build_shapes_dataset,
     generate_example,
@@ -25,6 +24,7 @@ from diffusers_microdit.data.shapes import (
     parse_caption,
     sample_categories,
 )
+from diffusers_microdit.data.shapes_eval import ShapesEval
 
 NUM_CALIBRATION = 300  # examples per image size, category-balanced
 OPPOSITE = {
@@ -334,7 +334,7 @@ def test_shipped_autoencoder_reconstructs_shapes_with_calibrated_latents():
     from diffusers.image_processor import VaeImageProcessor
 
     from diffusers_microdit.training.autoencoder import load_shapes_autoencoder, psnr_from_mse
-    from diffusers_microdit.training.data import encode_images_to_latents, image_to_pixels
+    from diffusers_microdit.training.sources import encode_images_to_latents, image_to_pixels
 
     vae = load_shapes_autoencoder()
     dataset = build_shapes_dataset(64, size=32, seed=7)

@@ -23,9 +23,10 @@ from helpers import (
 import diffusers_microdit  # noqa: F401
 from diffusers_microdit import LiTPipeline, LiTTransformer2DModel
 from diffusers_microdit.data.shapes import build_shapes_dataset
-from diffusers_microdit.training.data import load_precomputed, precompute_embeddings
+from diffusers_microdit.training.data import load_precomputed
 from diffusers_microdit.training.losses import lit_distillation_loss, pixart_sigma_loss
 from diffusers_microdit.training.pixart import null_caption, training_noise_scheduler
+from diffusers_microdit.training.precompute import precompute_embeddings
 
 # A "256-px" PixArt-Σ (latents 32x32, 4 -> 8 channels), 2 blocks of width 16.
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one intra-op thread

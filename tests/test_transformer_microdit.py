@@ -279,3 +279,31 @@ def test_attention_processors_are_swappable():
             torch.testing.assert_close(model(x, t, y).sample, reference, atol=1e-4, rtol=1e-4)
         model.set_attn_processor(ManualMathProcessor())
         torch.testing.assert_close(model(x, t, y).sample, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("masking, mixer_tokens", [("naive", 6), ("deferred", 16)])
+def test_naive_masking_drops_tokens_before_the_patch_mixer_and_deferred_after_it(masking, mixer_tokens):
+    model = tiny_transformer()  # 8x8 latents, patch 2: 16 tokens
+    keep_ids = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(i))[:6] for i in range(2)])
+    seen = {}
+
+    def record(name):
+        def hook(module, args, kwargs):
+            seen.setdefault(name, (args or tuple(kwargs.values()))[0].shape[1])  # tokens entering the block
+
+        return hook
+
+    handles = [
+        model.patch_mixer_blocks[0].register_forward_pre_hook(record("mixer"), with_kwargs=True),
+        model.transformer_blocks[0].register_forward_pre_hook(record("backbone"), with_kwargs=True),
+    ]
+    try:
+        with torch.no_grad():
+            out = model(
+                torch.randn(2, 4, 8, 8), torch.zeros(2), torch.randn(2, 5, 32), keep_ids=keep_ids, masking=masking
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen == {"mixer": mixer_tokens, "backbone": 6}
+    assert out.sample.shape == (2, 4, 8, 8) and out.mask.sum(dim=1).tolist() == [10.0, 10.0]

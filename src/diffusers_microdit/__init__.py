@@ -1,13 +1,20 @@
 """diffusers-microdit: micro-budget text-to-image diffusion transformers for the Hugging Face stack.
 
-Importing the package imports every model, scheduler and pipeline module eagerly: diffusers 0.42 loads a
-third-party component only if the module path recorded in `model_index.json` is already imported.
+How saved pipelines find these classes again (the one place this is explained; modules point here):
+
+* Importing the package imports every model, scheduler and pipeline module eagerly: diffusers 0.42 loads a
+  third-party component only if the module path recorded in `model_index.json` is already imported.
+* diffusers picks a component's load method by looking up its loadable base classes (`ModelMixin`,
+  `SchedulerMixin`, ...) as attributes of that recorded module, so every component module keeps the matching base
+  importable as a module-level name, even where it subclasses it only indirectly (`# noqa: F401 (see the package
+  docstring)`).
+* Pipeline classes are exposed as attributes of `diffusers` itself (`_register_with_diffusers` below).
 """
 
 import diffusers as _diffusers
 
 from .conversion.microdit import convert_microdit_checkpoint
-from .conversion.openclip import configure_openclip_tokenizer, convert_openclip_text_encoder
+from .conversion.openclip import convert_openclip_text_encoder
 from .models.transformer_lit import LiTLinearAttnProcessor, LiTTransformer2DModel
 from .models.transformer_microdit import (
     MicroDiTTransformer2DModel,
@@ -16,6 +23,7 @@ from .models.transformer_microdit import (
 )
 from .models.transformer_pixart_kv import PixArtKVAttnProcessor2_0, PixArtSigmaKVTransformer2DModel
 from .pipelines.pipeline_lit import LiTPipeline
+from .pipelines.openclip_tokenizer import configure_openclip_tokenizer
 from .pipelines.pipeline_microdit import MicroDiTPipeline
 from .pipelines.pipeline_pixart_kv import PixArtSigmaKVPipeline
 from .schedulers.scheduling_edm_heun import EDMHeunScheduler

@@ -9,18 +9,17 @@ from urllib.parse import unquote
 
 import huggingface_hub
 import torch
-from safetensors.torch import load_file
+from diffusers.models.model_loading_utils import load_state_dict
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict:
     """Load a `.safetensors` file, or a pickled `.pt/.pth/.bin/.ckpt` with `torch.load(weights_only=True)` so an
-    original checkpoint can never execute code while it is converted."""
+    original checkpoint can never execute code while it is converted (diffusers' own `load_state_dict`, which does
+    both, memory-maps zip pickles and explains git-lfs pointer files), onto the CPU."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path}.")
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_state_dict(str(path), map_location="cpu")
 
 
 def strip_prefixes(state_dict: dict, prefixes: tuple[str, ...]) -> dict:

@@ -1,1 +1,1 @@
-"""Training data: the embedded procedural shapes dataset (`diffusers_microdit.data.shapes`)."""
+"""The embedded procedural shapes dataset (`diffusers_microdit.data.shapes`) and its scorer (`.shapes_eval`)."""

@@ -1,4 +1,7 @@
-"""`from_single_file`: diffusers' name for loading an original (non-diffusers) checkpoint file into a model class.
+"""`from_original` / `from_single_file`: loading an original (non-diffusers) checkpoint into a model class.
+
+The converters live in `diffusers_microdit.conversion` (which imports the models, never the reverse); the mixin
+imports a class's converter only when it is called.
 
 diffusers' own `FromOriginalModelMixin` is not used: its `from_single_file` serves only the classes in its fixed
 `SINGLE_FILE_LOADABLE_CLASSES` table (it raises for any other class, PixArt included), identifies architectures from
@@ -7,14 +10,48 @@ diffusers' table of checkpoint keys, and has no converter for MicroDiT or the KV
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
 
 
 class OriginalCheckpointLoaderMixin:
-    """Gives a model class with a `from_original(state_dict_or_path, original_config)` converter the diffusers-style
-    `from_single_file` entry point (local files, Hub file URLs, `dtype`, `device`, download options)."""
+    """`from_original` and the diffusers-style `from_single_file` entry point (local files, Hub file URLs, `dtype`,
+    `device`, download options) for a model class.
+
+    The class names its converter in `_original_checkpoint_converter` as `"<module of conversion>:<function>"`; the
+    function maps `(state_dict_or_path, original_config)` to `(diffusers config, diffusers state dict)`. The class
+    may override `_load_original_state_dict` (default: strict `load_state_dict`).
+    """
+
+    _original_checkpoint_converter: str
+
+    @classmethod
+    def from_original(
+        cls,
+        state_dict_or_path: dict | str | os.PathLike,
+        original_config: dict | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ):
+        """Convert an original checkpoint: a state dict, or a `.pt`/`.pth`/`.safetensors` file of one (pickles are
+        read with `torch.load(weights_only=True)`).
+
+        `original_config` takes the original constructor's keyword names; sizes readable from the weights are
+        inferred (see the class docstring for the family's details). Returns the model in eval mode, cast to
+        `torch_dtype` if given.
+        """
+        module_name, function_name = cls._original_checkpoint_converter.split(":")
+        module = importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.conversion.{module_name}")
+        config, state_dict = getattr(module, function_name)(state_dict_or_path, original_config)
+        model = cls(**config)
+        model._load_original_state_dict(state_dict)
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+        return model.eval()
+
+    def _load_original_state_dict(self, state_dict: dict) -> None:
+        self.load_state_dict(state_dict, strict=True)
 
     @classmethod
     def from_single_file(

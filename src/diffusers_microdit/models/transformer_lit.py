@@ -20,24 +20,18 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
-from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention, AttnProcessor, FusedAttnProcessor2_0
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-# Must be a name in this module: diffusers' pipeline loader looks up the loadable base classes (`ModelMixin`, ...) as
-# attributes of the module recorded in model_index.json to find the component's `from_pretrained`.
-from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (see the package docstring)
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
-from diffusers.utils import apply_lora_scale, logging
+from diffusers.utils import logging
 from torch import nn
 
-from .transformer_pixart_kv import check_lora_scale_applied
+from .pixart_grid import PixArtGridTransformer2DModel, TokenGridModule, pixart_arguments
 
 logger = logging.get_logger(__name__)
 
@@ -69,7 +63,7 @@ def linear_attention(
     return out.transpose(1, 2).flatten(2).to(query.dtype)
 
 
-class LiTValueConv(nn.Conv2d):
+class LiTValueConv(nn.Conv2d, TokenGridModule):
     """Depthwise `5 x 5` convolution (stride 1, padding 2) of the values on the token grid: LiT's local branch.
 
     Input and output are (batch, tokens, channels) with row-major tokens (`h * width + w`, as `PatchEmbed`
@@ -77,6 +71,11 @@ class LiTValueConv(nn.Conv2d):
     layout); `"inner_dim"` gives every channel its own filter. `init="default"` keeps PyTorch's Conv2d
     initialisation; `"zeros"` starts the branch at zero.
     """
+
+    missing_grid_message = (
+        "LiT self-attention needs a processor that takes the token grid (height, width); {processor} does not. "
+        "Use LiTLinearAttnProcessor (e.g. model.set_default_attn_processor())."
+    )
 
     def __init__(self, dim: int, heads: int, channels: str = "head_dim", init: str = "default"):
         if channels not in VALUE_CONV_CHANNELS:
@@ -192,86 +191,7 @@ class LiTLinearAttention(Attention):
                 nn.init.zeros_(linear.bias)
 
 
-def _takes_token_grid(processor: Any) -> bool:
-    parameters = inspect.signature(processor.__call__).parameters
-    return "height" in parameters and "width" in parameters
-
-
-class LiTTransformerBlock(BasicTransformerBlock):
-    """diffusers' PixArt block (`norm_type="ada_norm_single"`, same submodules and keys) whose self-attention is a
-    [`LiTLinearAttention`]. The token grid arrives as `height`/`width` entries of `cross_attention_kwargs` and is
-    given to the self-attention only."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_attention_heads: int,
-        attention_head_dim: int,
-        linear_attention_heads: int = 2,
-        linear_attention_eps: float = 1e-6,
-        value_conv_channels: str = "head_dim",
-        value_conv_init: str = "default",
-        **kwargs,
-    ):
-        super().__init__(dim, num_attention_heads, attention_head_dim, **kwargs)
-        self.attn1 = LiTLinearAttention(
-            dim,
-            heads=linear_attention_heads,
-            bias=self.attention_bias,
-            dropout=self.dropout,
-            eps=linear_attention_eps,
-            value_conv_channels=value_conv_channels,
-            value_conv_init=value_conv_init,
-        )
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        timestep: torch.LongTensor | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        class_labels: torch.LongTensor | None = None,
-        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        attn_kwargs = dict(cross_attention_kwargs or {})
-        grid = {"height": attn_kwargs.pop("height", None), "width": attn_kwargs.pop("width", None)}
-        if not _takes_token_grid(self.attn1.processor):
-            raise RuntimeError(
-                f"LiT self-attention needs a processor that takes the token grid (height, width); "
-                f"{type(self.attn1.processor).__name__} does not. Use LiTLinearAttnProcessor "
-                "(e.g. model.set_default_attn_processor())."
-            )
-        batch = hidden_states.shape[0]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + timestep.reshape(batch, 6, -1)
-        ).chunk(6, dim=1)
-
-        # 1. Linear self-attention on the t2i-modulated norm1 output, gated.
-        norm_hidden_states = self.norm1(hidden_states) * (1 + scale_msa) + shift_msa
-        attn_output = self.attn1(norm_hidden_states, attention_mask=attention_mask, **attn_kwargs, **grid)
-        hidden_states = hidden_states + gate_msa * attn_output
-
-        # 2. Softmax cross-attention on the un-normalised stream, un-gated (PixArt applies no norm here).
-        attn_output = self.attn2(
-            hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            attention_mask=encoder_attention_mask,
-            **attn_kwargs,
-        )
-        hidden_states = hidden_states + attn_output
-
-        # 3. Feed-forward on the t2i-modulated norm2 output, gated.
-        norm_hidden_states = self.norm2(hidden_states) * (1 + scale_mlp) + shift_mlp
-        if self._chunk_size is not None:
-            ff_output = _chunked_feed_forward(self.ff, norm_hidden_states, self._chunk_dim, self._chunk_size)
-        else:
-            ff_output = self.ff(norm_hidden_states)
-        return hidden_states + gate_mlp * ff_output
-
-
-class LiTTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin):
+class LiTTransformer2DModel(PixArtGridTransformer2DModel):
     r"""LiT transformer: PixArt-Σ with linear self-attention (ReLU kernel, normalised, depthwise 5x5 conv on V).
 
     All [`PixArtTransformer2DModel`] arguments keep their meaning and defaults (`num_attention_heads` and
@@ -297,8 +217,6 @@ class LiTTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin):
     self-attention projections.
     """
 
-    _no_split_modules = ["LiTTransformerBlock", "PatchEmbed"]
-    _repeated_blocks = ["LiTTransformerBlock"]
     # PixArt's own patterns, plus the depthwise value convs: `head_dim * 25` weights per block on the value path,
     # which float8 storage would round for no memory gain.
     _skip_layerwise_casting_patterns = [*PixArtTransformer2DModel._skip_layerwise_casting_patterns, "value_conv"]
@@ -336,53 +254,18 @@ class LiTTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin):
             raise NotImplementedError(f"LiT blocks support attention_type='default' only, got {attention_type!r}.")
         if cross_attention_dim is None:
             raise ValueError("LiT is text-conditioned: cross_attention_dim must be set (PixArt-Σ uses the width).")
-        # The parent builds everything but the blocks when asked for zero of them; the LiT blocks (same keys) are
-        # built below, so no set of softmax blocks is allocated and dropped.
-        super().__init__(
-            num_attention_heads=num_attention_heads,
-            attention_head_dim=attention_head_dim,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            num_layers=0,
-            dropout=dropout,
-            norm_num_groups=norm_num_groups,
-            cross_attention_dim=cross_attention_dim,
-            attention_bias=attention_bias,
-            sample_size=sample_size,
-            patch_size=patch_size,
-            activation_fn=activation_fn,
-            num_embeds_ada_norm=num_embeds_ada_norm,
-            upcast_attention=upcast_attention,
-            norm_type=norm_type,
-            norm_elementwise_affine=norm_elementwise_affine,
-            norm_eps=norm_eps,
-            interpolation_scale=interpolation_scale,
-            use_additional_conditions=use_additional_conditions,
-            caption_channels=caption_channels,
-            attention_type=attention_type,
-        )
-        # The parent's own @register_to_config recorded num_layers=0.
-        self.register_to_config(num_layers=num_layers)
-        self.transformer_blocks = nn.ModuleList(
-            LiTTransformerBlock(
-                self.inner_dim,
-                num_attention_heads,
-                attention_head_dim,
-                linear_attention_heads=linear_attention_heads,
-                linear_attention_eps=linear_attention_eps,
-                value_conv_channels=value_conv_channels,
-                value_conv_init=value_conv_init,
-                dropout=dropout,
-                cross_attention_dim=cross_attention_dim,
-                activation_fn=activation_fn,
-                num_embeds_ada_norm=num_embeds_ada_norm,
-                attention_bias=attention_bias,
-                upcast_attention=upcast_attention,
-                norm_type=norm_type,
-                norm_elementwise_affine=norm_elementwise_affine,
-                norm_eps=norm_eps,
-            )
-            for _ in range(num_layers)
+        super().__init__(**pixart_arguments(locals()))
+
+    def _make_self_attention(self, block: BasicTransformerBlock) -> "LiTLinearAttention":
+        config = self.config
+        return LiTLinearAttention(
+            block.dim,
+            heads=config.linear_attention_heads,
+            bias=block.attention_bias,
+            dropout=block.dropout,
+            eps=config.linear_attention_eps,
+            value_conv_channels=config.value_conv_channels,
+            value_conv_init=config.value_conv_init,
         )
 
     @classmethod
@@ -466,74 +349,12 @@ class LiTTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin):
             )
         return (model, loading_info) if output_loading_info else model
 
-    def set_default_attn_processor(self) -> None:
-        """[`LiTLinearAttnProcessor`] for the self-attention and, as the parent, `AttnProcessor` for the softmax
-        cross-attention (the parent's would put softmax attention into the LiT layers)."""
-        for module in self.modules():
-            if isinstance(module, LiTLinearAttention):
-                module.set_processor(LiTLinearAttnProcessor())
-            elif isinstance(module, Attention):
-                module.set_processor(AttnProcessor())
+    def _default_attn_processor(self, attn: Attention) -> LiTLinearAttnProcessor | AttnProcessor:
+        # LiTLinearAttnProcessor for the self-attention and, as the parent, `AttnProcessor` for the softmax
+        # cross-attention (the parent's would put softmax attention into the LiT layers).
+        return LiTLinearAttnProcessor() if isinstance(attn, LiTLinearAttention) else AttnProcessor()
 
-    def fuse_qkv_projections(self) -> None:
-        """Fuse q/k/v of every linear self-attention into `to_qkv` and k/v of every softmax cross-attention into
-        `to_kv` (diffusers' `Attention.fuse_projections`). The self-attention keeps its processor
-        ([`LiTLinearAttnProcessor`] reads `to_qkv`); the cross-attention gets diffusers' `FusedAttnProcessor2_0`.
-        Unlike the parent's, this never puts softmax attention into the LiT layers."""
-        self.original_attn_processors = self.attn_processors
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.fuse_projections(fuse=True)
-                if not isinstance(module, LiTLinearAttention):
-                    module.set_processor(FusedAttnProcessor2_0())
-
-    def unfuse_qkv_projections(self) -> None:
-        """Undo `fuse_qkv_projections`: drop the fused layers and restore the previous processors."""
-        for module in self.modules():
-            if isinstance(module, Attention) and module.fused_projections:
-                for name in ("to_qkv", "to_kv"):
-                    if hasattr(module, name):
-                        delattr(module, name)
-                module.fused_projections = False
-        if getattr(self, "original_attn_processors", None) is not None:
-            self.set_attn_processor(self.original_attn_processors)
-            self.original_attn_processors = None
-
-    @apply_lora_scale("cross_attention_kwargs")
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        timestep: torch.LongTensor | None = None,
-        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        return_dict: bool = True,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """Same inputs and outputs as [`PixArtTransformer2DModel.forward`]; the latent height and width must be
-        multiples of `patch_size`. `attention_mask` (self-attention) must be `None`: linear attention has none.
-
-        The token grid (`H // patch_size`, `W // patch_size`) rides in `cross_attention_kwargs` as `height` and
-        `width`, which [`LiTTransformerBlock`] hands to the self-attention only. A `"scale"` entry (pass the dict by
-        keyword) multiplies every LoRA adapter's strength for this call and is not forwarded.
-        """
-        check_lora_scale_applied(cross_attention_kwargs)
-        p = self.config.patch_size
-        latent_height, latent_width = hidden_states.shape[-2:]
-        if latent_height % p or latent_width % p:
-            raise ValueError(
-                f"Latent height and width must be multiples of patch_size={p}, got {latent_height}x{latent_width} "
-                f"(image sizes must be multiples of {p} x the VAE scale factor)."
-            )
-        grid = {"height": latent_height // p, "width": latent_width // p}
-        return super().forward(
-            hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            timestep=timestep,
-            added_cond_kwargs=added_cond_kwargs,
-            cross_attention_kwargs={**(cross_attention_kwargs or {}), **grid},
-            attention_mask=attention_mask,
-            encoder_attention_mask=encoder_attention_mask,
-            return_dict=return_dict,
-        )
+    def _fused_attn_processor(self, attn: Attention) -> FusedAttnProcessor2_0 | None:
+        # The linear self-attention keeps its processor (LiTLinearAttnProcessor reads `to_qkv`); the softmax
+        # cross-attention gets diffusers' FusedAttnProcessor2_0. Never softmax attention in the LiT layers.
+        return None if isinstance(attn, LiTLinearAttention) else FusedAttnProcessor2_0()

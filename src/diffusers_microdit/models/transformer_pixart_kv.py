@@ -7,35 +7,31 @@ followed by a LayerNorm (`"conv"`, the released configuration). The parameter-fr
 `"uniform_every"` samplings of the original code are available too. Queries are never compressed, so every layer
 still returns one token per patch; only the attention cost shrinks (by about `ratio**2` in those layers).
 
-[`PixArtSigmaKVTransformer2DModel`] subclasses diffusers' [`PixArtTransformer2DModel`]: all existing keys are
+[`PixArtSigmaKVTransformer2DModel`] subclasses diffusers' [`PixArtTransformer2DModel`] (through
+[`PixArtGridTransformer2DModel`], which passes the token grid to the self-attention): all existing keys are
 unchanged, so every diffusers PixArt-Σ checkpoint loads strictly, and the class drops into `PixArtSigmaPipeline`.
-The only new parameters are `transformer_blocks.{i}.attn1.kv_compress.{conv,norm}.{weight,bias}`.
+The only new parameters are `transformer_blocks.{i}.attn1.kv_compress.{conv,norm}.{weight,bias}`. Original
+`PixArtMS` checkpoints are converted by `diffusers_microdit.conversion.pixart_sigma`.
 """
 
 from __future__ import annotations
 
 import numbers
 import os
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
-from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import Attention
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-# Must be a name in this module: diffusers' pipeline loader looks up the loadable base classes (`ModelMixin`, ...) as
-# attributes of the module recorded in model_index.json to find the component's `from_pretrained`.
-from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (see the package docstring)
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
-from diffusers.utils import apply_lora_scale, logging
+from diffusers.utils import logging
 from torch import nn
 
-from ..conversion.utils import load_state_dict_file, strip_prefixes
 from ..loaders.single_file import OriginalCheckpointLoaderMixin
+from .pixart_grid import PixArtGridTransformer2DModel, TokenGridModule, pixart_arguments, takes_token_grid
 
 logger = logging.get_logger(__name__)
 
@@ -49,11 +45,11 @@ _AVERAGE_INIT = {
     "norm.weight": lambda ratio: 1.0,
     "norm.bias": lambda ratio: 0.0,
 }
-_KV_MODULE_NAME = "kv_compress"
+KV_MODULE_NAME = "kv_compress"
 
 
 def _is_kv_compress_key(key: str) -> bool:
-    return f".attn1.{_KV_MODULE_NAME}." in key
+    return f".attn1.{KV_MODULE_NAME}." in key
 
 
 def normalize_kv_compress_layers(layers: Iterable[int] | None, num_layers: int) -> list[int]:
@@ -88,7 +84,7 @@ def _check_kv_compress_settings(layers: list[int], ratio: int, sampling: str) ->
         )
 
 
-class PixArtKVCompression(nn.Module):
+class PixArtKVCompression(TokenGridModule):
     """Downsamples the key or value tokens of one self-attention layer on the (height, width) token grid.
 
     Input and output are (batch, tokens, channels); tokens are row-major (`h * width + w`), as `PatchEmbed` flattens.
@@ -103,6 +99,12 @@ class PixArtKVCompression(nn.Module):
         uniform_every: every `ratio`-th token of the flattened sequence (`tokens / ratio` kept, not
             `tokens / ratio**2`); needs a token count divisible by `ratio`. Does not use the grid shape.
     """
+
+    missing_grid_message = (
+        "This block compresses keys/values, but its self-attention processor {processor} does not support KV "
+        "compression (it would silently skip it). Use PixArtKVAttnProcessor2_0 (e.g. "
+        "model.set_default_attn_processor()) or a processor whose __call__ takes `height` and `width`."
+    )
 
     def __init__(self, dim: int, ratio: int = 2, sampling: str = "conv"):
         super().__init__()
@@ -173,12 +175,11 @@ class PixArtKVAttnProcessor2_0:
     diffusers' PixArt: a `(B, L)` or `(B, 1, L)` additive bias (or boolean mask) broadcast over heads and queries.
     Works with fused projections (`fuse_qkv_projections`).
 
-    A custom processor opts in to receiving `height`/`width` by setting `_supports_kv_compression = True`.
+    A custom processor receives `height`/`width` by declaring them as `__call__` parameters (see `pixart_grid`).
     """
 
     _attention_backend = None
     _parallel_config = None
-    _supports_kv_compression = True
 
     def __call__(
         self,
@@ -206,7 +207,7 @@ class PixArtKVAttnProcessor2_0:
             else:
                 key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
 
-        kv_compress = getattr(attn, _KV_MODULE_NAME, None)
+        kv_compress = getattr(attn, KV_MODULE_NAME, None)
         if kv_compress is not None:
             if encoder_hidden_states is not None:
                 raise ValueError("KV compression is defined for self-attention only.")
@@ -250,92 +251,7 @@ class PixArtKVAttnProcessor2_0:
         return out / attn.rescale_output_factor
 
 
-def _processor_supports_kv(processor: Any) -> bool:
-    return bool(getattr(processor, "_supports_kv_compression", False))
-
-
-class PixArtKVTransformerBlock(BasicTransformerBlock):
-    """diffusers' PixArt block (`norm_type="ada_norm_single"`, same submodules and keys) whose forward also takes
-    the token grid `height`/`width` and hands it to the self-attention only (cross-attention never sees it)."""
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        timestep: torch.LongTensor | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        class_labels: torch.LongTensor | None = None,
-        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-    ) -> torch.Tensor:
-        if self.norm_type != "ada_norm_single":
-            raise NotImplementedError("PixArtKVTransformerBlock implements PixArt's ada_norm_single block only.")
-        batch = hidden_states.shape[0]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + timestep.reshape(batch, 6, -1)
-        ).chunk(6, dim=1)
-
-        attn_kwargs = dict(cross_attention_kwargs or {})
-        gligen_kwargs = attn_kwargs.pop("gligen", None)
-        self_attn_kwargs = dict(attn_kwargs)
-        if _processor_supports_kv(self.attn1.processor):
-            self_attn_kwargs.update(height=height, width=width)
-        elif getattr(self.attn1, _KV_MODULE_NAME, None) is not None:
-            raise RuntimeError(
-                f"This block compresses keys/values, but its self-attention processor "
-                f"{type(self.attn1.processor).__name__} does not support KV compression (it would silently skip it). "
-                "Use PixArtKVAttnProcessor2_0 (e.g. model.set_default_attn_processor()) or a processor with "
-                "`_supports_kv_compression = True`."
-            )
-
-        # 1. Self-attention on the t2i-modulated norm1 output, gated.
-        norm_hidden_states = self.norm1(hidden_states) * (1 + scale_msa) + shift_msa
-        attn_output = self.attn1(norm_hidden_states, attention_mask=attention_mask, **self_attn_kwargs)
-        hidden_states = hidden_states + gate_msa * attn_output
-        if gligen_kwargs is not None:
-            hidden_states = self.fuser(hidden_states, gligen_kwargs["objs"])
-
-        # 2. Cross-attention on the un-normalised stream, un-gated (PixArt does not apply norm2 here).
-        if self.attn2 is not None:
-            attn_output = self.attn2(
-                hidden_states,
-                encoder_hidden_states=encoder_hidden_states,
-                attention_mask=encoder_attention_mask,
-                **attn_kwargs,
-            )
-            hidden_states = hidden_states + attn_output
-
-        # 3. Feed-forward on the t2i-modulated norm2 output, gated.
-        norm_hidden_states = self.norm2(hidden_states) * (1 + scale_mlp) + shift_mlp
-        if self._chunk_size is not None:
-            ff_output = _chunked_feed_forward(self.ff, norm_hidden_states, self._chunk_dim, self._chunk_size)
-        else:
-            ff_output = self.ff(norm_hidden_states)
-        return hidden_states + gate_mlp * ff_output
-
-
-def check_lora_scale_applied(cross_attention_kwargs: dict | None) -> None:
-    """`apply_lora_scale` only sees keyword arguments; a positional dict would carry the LoRA scale, unapplied, to
-    the processors."""
-    if cross_attention_kwargs and "scale" in cross_attention_kwargs:
-        raise ValueError(
-            "cross_attention_kwargs['scale'] (the LoRA strength) was not applied: pass cross_attention_kwargs by "
-            "keyword (cross_attention_kwargs={'scale': ...})."
-        )
-
-
-def _mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """(B, L) keep-mask (1 keep, 0 drop) -> (B, 1, L) additive bias (0 / -10000), as diffusers' PixArt does; masks
-    that already have 3 dims are taken to be biases and returned unchanged."""
-    if mask is None or mask.ndim != 2:
-        return mask
-    return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
-
-
-class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin, OriginalCheckpointLoaderMixin):
+class PixArtSigmaKVTransformer2DModel(PixArtGridTransformer2DModel, OriginalCheckpointLoaderMixin):
     r"""PixArt-Σ transformer with optional KV token compression in selected self-attention layers.
 
     All [`PixArtTransformer2DModel`] arguments keep their meaning and defaults; a diffusers PixArt-Σ checkpoint
@@ -350,17 +266,22 @@ class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin
         kv_compress_sampling (`str`, defaults to `"conv"`): `"conv"` (learned depthwise conv + LayerNorm), or the
             parameter-free `"ave"`, `"uniform"`, `"uniform_every"`; see [`PixArtKVCompression`].
 
-    To add compression to a loaded model use [`~PixArtSigmaKVTransformer2DModel.enable_kv_compression`]; to convert
-    an original PixArt-Σ `.pth` use [`~PixArtSigmaKVTransformer2DModel.from_single_file`] (or `from_original`).
-    Loading a checkpoint without KV weights into a config with compressed layers initialises them with the paper's
-    average init (with a warning).
+    To add compression to a loaded model use [`~PixArtSigmaKVTransformer2DModel.enable_kv_compression`]. Loading a
+    checkpoint without KV weights into a config with compressed layers initialises them with the paper's average
+    init (with a warning).
+
+    To convert an original PixArt-Σ (`PixArtMS`) checkpoint use `from_single_file` or `from_original` (a state dict,
+    or a `.pth`/`.safetensors` path; a top-level `"state_dict"` entry is unwrapped). `original_config` takes the
+    original `PixArtMS` constructor keywords (`input_size`, `hidden_size`, `depth`, `num_heads`,
+    `pe_interpolation`, `micro_condition`, `kv_compress_config`, ...). Sizes readable from the weights are inferred;
+    so is the KV compression when `kv_compress_config` is not given. Checkpoints without KV weights load into a KV
+    configuration with the average init (and a warning).
     """
 
-    _no_split_modules = ["PixArtKVTransformerBlock", "PatchEmbed"]
-    _repeated_blocks = ["PixArtKVTransformerBlock"]
+    _original_checkpoint_converter = "pixart_sigma:convert_pixart_sigma_checkpoint"
     # PixArt's own patterns, plus the KV-compression modules: a depthwise conv of a few parameters per channel on the
     # key/value path, which float8 storage would round for no memory gain (their LayerNorm is under `norm` already).
-    _skip_layerwise_casting_patterns = [*PixArtTransformer2DModel._skip_layerwise_casting_patterns, _KV_MODULE_NAME]
+    _skip_layerwise_casting_patterns = [*PixArtTransformer2DModel._skip_layerwise_casting_patterns, KV_MODULE_NAME]
 
     @register_to_config
     def __init__(
@@ -392,56 +313,12 @@ class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin
     ):
         layers = normalize_kv_compress_layers(kv_compress_layers, num_layers)
         _check_kv_compress_settings(layers, kv_compress_ratio, kv_compress_sampling)
-        # The parent builds everything but the blocks when asked for zero of them; the KV-aware blocks (same
-        # submodules, hence same keys) are built below, so no full set of parent blocks is allocated and dropped.
-        super().__init__(
-            num_attention_heads=num_attention_heads,
-            attention_head_dim=attention_head_dim,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            num_layers=0,
-            dropout=dropout,
-            norm_num_groups=norm_num_groups,
-            cross_attention_dim=cross_attention_dim,
-            attention_bias=attention_bias,
-            sample_size=sample_size,
-            patch_size=patch_size,
-            activation_fn=activation_fn,
-            num_embeds_ada_norm=num_embeds_ada_norm,
-            upcast_attention=upcast_attention,
-            norm_type=norm_type,
-            norm_elementwise_affine=norm_elementwise_affine,
-            norm_eps=norm_eps,
-            interpolation_scale=interpolation_scale,
-            use_additional_conditions=use_additional_conditions,
-            caption_channels=caption_channels,
-            attention_type=attention_type,
-        )
-        # The parent's own @register_to_config recorded num_layers=0; restore the real value and the KV settings
-        # in normalised (sorted, JSON-friendly) form.
+        super().__init__(**pixart_arguments(locals()))
+        # The KV settings in normalised (sorted, JSON-friendly) form.
         self.register_to_config(
-            num_layers=num_layers,
             kv_compress_layers=layers or None,
             kv_compress_ratio=kv_compress_ratio,
             kv_compress_sampling=kv_compress_sampling,
-        )
-        self.transformer_blocks = nn.ModuleList(
-            PixArtKVTransformerBlock(
-                self.inner_dim,
-                num_attention_heads,
-                attention_head_dim,
-                dropout=dropout,
-                cross_attention_dim=cross_attention_dim,
-                activation_fn=activation_fn,
-                num_embeds_ada_norm=num_embeds_ada_norm,
-                attention_bias=attention_bias,
-                upcast_attention=upcast_attention,
-                norm_type=norm_type,
-                norm_elementwise_affine=norm_elementwise_affine,
-                norm_eps=norm_eps,
-                attention_type=attention_type,
-            )
-            for _ in range(num_layers)
         )
         self.set_default_attn_processor()
         self._set_kv_compression(layers, kv_compress_ratio, kv_compress_sampling)
@@ -452,7 +329,7 @@ class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin
     def kv_compressed_layers(self) -> list[int]:
         """Indices of the blocks that currently compress keys/values."""
         blocks = self.transformer_blocks
-        return [i for i, block in enumerate(blocks) if getattr(block.attn1, _KV_MODULE_NAME, None) is not None]
+        return [i for i, block in enumerate(blocks) if getattr(block.attn1, KV_MODULE_NAME, None) is not None]
 
     def _set_kv_compression(self, layers: list[int], ratio: int, sampling: str) -> list[int]:
         """Give exactly `layers` a compression module; keep existing modules with the same settings (trained
@@ -460,10 +337,10 @@ class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin
         created = []
         for index, block in enumerate(self.transformer_blocks):
             attn = block.attn1
-            current = getattr(attn, _KV_MODULE_NAME, None)
+            current = getattr(attn, KV_MODULE_NAME, None)
             if index not in layers:
                 if current is not None:
-                    delattr(attn, _KV_MODULE_NAME)
+                    delattr(attn, KV_MODULE_NAME)
                 continue
             if current is not None and current.ratio == ratio and current.sampling == sampling:
                 continue
@@ -474,8 +351,8 @@ class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin
                 # is then the compute dtype in which the (never cast) compression modules must live.
                 module = module.to(device=reference.device, dtype=self.dtype)
                 module.reset_parameters()  # after the move: also correct if construction ran under no_init_weights
-            attn.add_module(_KV_MODULE_NAME, module)
-            if not _processor_supports_kv(attn.processor):
+            attn.add_module(KV_MODULE_NAME, module)
+            if not takes_token_grid(attn.processor):
                 attn.set_processor(PixArtKVAttnProcessor2_0())
             created.append(index)
         return created
@@ -521,8 +398,8 @@ class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin
         a `low_cpu_mem_usage` load) and the average init. Returns the keys handled."""
         handled = sorted(key for key in missing_keys if _is_kv_compress_key(key))
         for key in handled:
-            block_path, param_name = key.split(f".{_KV_MODULE_NAME}.")
-            module = self.get_submodule(f"{block_path}.{_KV_MODULE_NAME}")
+            block_path, param_name = key.split(f".{KV_MODULE_NAME}.")
+            module = self.get_submodule(f"{block_path}.{KV_MODULE_NAME}")
             owner_name, leaf = param_name.rsplit(".", 1)
             owner = module.get_submodule(owner_name)
             param = getattr(owner, leaf)
@@ -553,371 +430,20 @@ class PixArtSigmaKVTransformer2DModel(PixArtTransformer2DModel, PeftAdapterMixin
         model._initialize_missing_kv_weights(loading_info["missing_keys"])
         return (model, loading_info) if output_loading_info else model
 
-    @classmethod
-    def from_original(
-        cls,
-        state_dict_or_path: dict | str | os.PathLike,
-        original_config: dict | None = None,
-        torch_dtype: torch.dtype | None = None,
-    ) -> "PixArtSigmaKVTransformer2DModel":
-        """Convert an original PixArt-Σ (`PixArtMS`) checkpoint: a state dict, or a `.pth`/`.safetensors` path
-        (pickles are read with `torch.load(weights_only=True)`; a top-level `"state_dict"` entry is unwrapped).
-
-        `original_config` takes the original `PixArtMS` constructor keywords (`input_size`, `hidden_size`,
-        `depth`, `num_heads`, `pe_interpolation`, `micro_condition`, `kv_compress_config`, ...). Sizes readable from
-        the weights are inferred; so is the KV compression when `kv_compress_config` is not given. Checkpoints
-        without KV weights load into a KV configuration with the average init (and a warning).
-        """
-        config, state_dict = convert_pixart_sigma_checkpoint(state_dict_or_path, original_config)
-        model = cls(**config)
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    def _load_original_state_dict(self, state_dict: dict) -> None:
+        """Load a converted original checkpoint; KV-compression weights it lacks get the average init."""
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
         not_kv = [key for key in missing if not _is_kv_compress_key(key)]
         if not_kv or unexpected:
             raise ValueError(f"Converted checkpoint does not fit the model: missing {not_kv}, unexpected {unexpected}.")
-        model._initialize_missing_kv_weights(missing)
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
-        return model.eval()
+        self._initialize_missing_kv_weights(missing)
 
-    # ------------------------------------------------------------------ attention processors
+    # ------------------------------------------------------------------ hooks of PixArtGridTransformer2DModel
 
-    def set_default_attn_processor(self) -> None:
-        """Use [`PixArtKVAttnProcessor2_0`] (SDPA through diffusers' dispatcher) everywhere. Unlike the parent's
-        `AttnProcessor`, it keeps KV compression working."""
-        self.set_attn_processor(PixArtKVAttnProcessor2_0())
+    def _default_attn_processor(self, attn: Attention) -> PixArtKVAttnProcessor2_0:
+        # SDPA through diffusers' dispatcher everywhere; unlike the parent's `AttnProcessor` it keeps KV compression.
+        return PixArtKVAttnProcessor2_0()
 
-    def fuse_qkv_projections(self) -> None:
-        """Fuse q/k/v (self-attention) and k/v (cross-attention) projections. KV compression is kept: the
-        KV-aware processor reads the fused projections (the parent would switch to `FusedAttnProcessor2_0`,
-        which silently skips compression)."""
-        self.original_attn_processors = self.attn_processors
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.fuse_projections(fuse=True)
-        self.set_attn_processor(PixArtKVAttnProcessor2_0())
-
-    def unfuse_qkv_projections(self) -> None:
-        """Undo `fuse_qkv_projections` (drops the fused layers and restores the previous processors)."""
-        for module in self.modules():
-            if isinstance(module, Attention) and module.fused_projections:
-                for name in ("to_qkv", "to_kv"):
-                    if hasattr(module, name):
-                        delattr(module, name)
-                module.fused_projections = False
-        if getattr(self, "original_attn_processors", None) is not None:
-            self.set_attn_processor(self.original_attn_processors)
-            self.original_attn_processors = None
-
-    # ------------------------------------------------------------------ forward
-
-    @apply_lora_scale("cross_attention_kwargs")
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        timestep: torch.LongTensor | None = None,
-        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        return_dict: bool = True,
-    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """Same inputs and outputs as [`PixArtTransformer2DModel.forward`]; the latent's token grid
-        (`H // patch_size`, `W // patch_size`) is passed to every block's self-attention.
-
-        Args:
-            hidden_states: (B, C, H, W) latents.
-            encoder_hidden_states: (B, L, caption_channels) text states ((B, 1, L, C) is accepted too).
-            timestep: (B,) diffusion timesteps.
-            added_cond_kwargs: `{"resolution": ..., "aspect_ratio": ...}` (required with additional conditions).
-            cross_attention_kwargs: extra keyword arguments for the attention processors; its `"scale"` entry (pass
-                the dict by keyword) multiplies every LoRA adapter's strength for this call and is not forwarded.
-            attention_mask: optional (B, N) keep-mask for self-attention (not allowed in compressed layers).
-            encoder_attention_mask: (B, L) keep-mask (1 keep, 0 drop) or (B, 1, L) additive bias for the text.
-            return_dict: return a `Transformer2DModelOutput` instead of a 1-tuple.
-        """
-        if self.use_additional_conditions and added_cond_kwargs is None:
-            raise ValueError("`added_cond_kwargs` cannot be None when using additional conditions for `adaln_single`.")
-        check_lora_scale_applied(cross_attention_kwargs)
-        attention_mask = _mask_to_bias(attention_mask, hidden_states.dtype)
-        encoder_attention_mask = _mask_to_bias(encoder_attention_mask, hidden_states.dtype)
-
-        batch = hidden_states.shape[0]
-        p = self.config.patch_size
-        height, width = hidden_states.shape[-2] // p, hidden_states.shape[-1] // p
-        hidden_states = self.pos_embed(hidden_states)
-        timestep, embedded_timestep = self.adaln_single(
-            timestep, added_cond_kwargs, batch_size=batch, hidden_dtype=hidden_states.dtype
-        )
-        if self.caption_projection is not None:
-            encoder_hidden_states = self.caption_projection(encoder_hidden_states)
-            encoder_hidden_states = encoder_hidden_states.view(batch, -1, hidden_states.shape[-1])
-
-        for block in self.transformer_blocks:
-            # Positional, in the block's signature order, so gradient checkpointing can pass them through.
-            args = (
-                hidden_states,
-                attention_mask,
-                encoder_hidden_states,
-                encoder_attention_mask,
-                timestep,
-                cross_attention_kwargs,
-                None,
-                None,
-                height,
-                width,
-            )
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                hidden_states = self._gradient_checkpointing_func(block, *args)
-            else:
-                hidden_states = block(*args)
-
-        shift, scale = (
-            self.scale_shift_table[None] + embedded_timestep[:, None].to(self.scale_shift_table.device)
-        ).chunk(2, dim=1)
-        hidden_states = self.norm_out(hidden_states)
-        hidden_states = hidden_states * (1 + scale.to(hidden_states.device)) + shift.to(hidden_states.device)
-        hidden_states = self.proj_out(hidden_states)
-
-        # Tokens carry (p, p, C) channel-last patches; fold them back to (B, C, H, W).
-        c = self.out_channels
-        output = (
-            hidden_states.reshape(batch, height, width, p, p, c)
-            .permute(0, 5, 1, 3, 2, 4)
-            .reshape(batch, c, height * p, width * p)
-        )
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
-
-
-# ---------------------------------------------------------------------- original checkpoint conversion
-
-# Constructor defaults of the original `PixArtMS` (PixArt-sigma `diffusion/model/nets/PixArtMS.py`).
-PIXART_MS_DEFAULTS = dict(
-    input_size=32,
-    patch_size=2,
-    in_channels=4,
-    hidden_size=1152,
-    depth=28,
-    num_heads=16,
-    mlp_ratio=4.0,
-    learn_sigma=True,
-    pred_sigma=True,
-    caption_channels=4096,
-    pe_interpolation=1.0,
-    micro_condition=False,
-    qk_norm=False,
-    kv_compress_config=None,
-)
-# Original keywords that only matter for training or for buffers the diffusers model recomputes.
-_IGNORED_ORIGINAL_KWARGS = {"class_dropout_prob", "drop_path", "model_max_length", "config", "learn_sigma"}
-# Buffers of the original that the diffusers model recomputes (fixed sin-cos positions, null caption embedding).
-_DROPPED_ORIGINAL_KEYS = ("pos_embed", "y_embedder.y_embedding")
-
-# Original -> diffusers names of the non-block weights (1:1 copies), as in diffusers'
-# scripts/convert_pixart_sigma_to_diffusers.py.
-_GLOBAL_KEY_MAP = {
-    "x_embedder.proj": "pos_embed.proj",
-    "y_embedder.y_proj.fc1": "caption_projection.linear_1",
-    "y_embedder.y_proj.fc2": "caption_projection.linear_2",
-    "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
-    "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
-    "t_block.1": "adaln_single.linear",
-    "final_layer.linear": "proj_out",
-}
-_MICRO_CONDITION_KEY_MAP = {
-    "csize_embedder.mlp.0": "adaln_single.emb.resolution_embedder.linear_1",
-    "csize_embedder.mlp.2": "adaln_single.emb.resolution_embedder.linear_2",
-    "ar_embedder.mlp.0": "adaln_single.emb.aspect_ratio_embedder.linear_1",
-    "ar_embedder.mlp.2": "adaln_single.emb.aspect_ratio_embedder.linear_2",
-}
-# Per-block 1:1 copies (suffixes after `blocks.{i}.` -> after `transformer_blocks.{i}.`).
-_BLOCK_KEY_MAP = {
-    "attn.proj": "attn1.to_out.0",
-    "cross_attn.q_linear": "attn2.to_q",
-    "cross_attn.proj": "attn2.to_out.0",
-    "mlp.fc1": "ff.net.0.proj",
-    "mlp.fc2": "ff.net.2",
-    "attn.sr": f"attn1.{_KV_MODULE_NAME}.conv",
-    "attn.norm": f"attn1.{_KV_MODULE_NAME}.norm",
-}
-
-
-def _original_kv_layers(state_dict: dict) -> dict[int, int]:
-    """{block index: conv kernel size} for every block whose original weights include the KV conv."""
-    layers = {}
-    for key, value in state_dict.items():
-        parts = key.split(".")
-        if len(parts) == 5 and parts[0] == "blocks" and parts[2:] == ["attn", "sr", "weight"]:
-            layers[int(parts[1])] = int(value.shape[-1])
-    return layers
-
-
-def _resolve_original_config(state_dict: dict, original_config: dict | None) -> dict:
-    """Original `PixArtMS` keywords: given ones, else read from the weights, else the constructor defaults."""
-    given = dict(original_config or {})
-    unknown = set(given) - set(PIXART_MS_DEFAULTS) - _IGNORED_ORIGINAL_KWARGS
-    if unknown:
-        raise ValueError(f"Unknown PixArtMS keyword(s) in original_config: {sorted(unknown)}.")
-
-    inferred = {}
-    patch = state_dict.get("x_embedder.proj.weight")
-    if patch is not None:
-        inferred.update(hidden_size=patch.shape[0], in_channels=patch.shape[1], patch_size=patch.shape[-1])
-    blocks = {int(key.split(".")[1]) for key in state_dict if key.startswith("blocks.")}
-    if blocks:
-        inferred["depth"] = max(blocks) + 1
-    caption = state_dict.get("y_embedder.y_proj.fc1.weight")
-    if caption is not None:
-        inferred["caption_channels"] = caption.shape[1]
-    final = state_dict.get("final_layer.linear.weight")
-    if patch is not None and final is not None:
-        inferred["pred_sigma"] = final.shape[0] == 2 * patch.shape[1] * patch.shape[-1] ** 2
-    inferred["micro_condition"] = any(key.startswith("csize_embedder.") for key in state_dict)
-    hidden = given.get("hidden_size", inferred.get("hidden_size", PIXART_MS_DEFAULTS["hidden_size"]))
-    if "num_heads" not in given and hidden != PIXART_MS_DEFAULTS["hidden_size"]:
-        if hidden % 72:
-            raise ValueError(f"Cannot infer num_heads for hidden_size {hidden}; pass it in original_config.")
-        inferred["num_heads"] = hidden // 72  # PixArt's head width
-    for name in ("input_size", "pe_interpolation"):
-        if name not in given:
-            logger.warning(
-                f"original_config has no {name!r}; using the PixArtMS default {PIXART_MS_DEFAULTS[name]} (the "
-                "released Σ models use input_size = image_size // 8 and pe_interpolation = image_size / 512)."
-            )
-    if "kv_compress_config" not in given:
-        kv_layers = _original_kv_layers(state_dict)
-        if kv_layers:
-            ratios = set(kv_layers.values())
-            if len(ratios) != 1:
-                raise ValueError(f"KV-compression convs with different kernel sizes: {kv_layers}.")
-            inferred["kv_compress_config"] = dict(
-                sampling="conv", scale_factor=ratios.pop(), kv_compress_layer=sorted(kv_layers)
-            )
-    return {**PIXART_MS_DEFAULTS, **inferred, **given}
-
-
-def original_config_to_diffusers(original_config: dict) -> dict:
-    """Map complete original `PixArtMS` keywords to a [`PixArtSigmaKVTransformer2DModel`] config."""
-    oc = {**PIXART_MS_DEFAULTS, **original_config}
-    if oc["qk_norm"]:
-        raise NotImplementedError(
-            "qk_norm=True is not supported: the original normalises q/k over all heads before the head split, which "
-            "diffusers' PixArt has no slot for (no released PixArt-Σ uses it)."
-        )
-    if float(oc["mlp_ratio"]) != 4.0:
-        raise NotImplementedError(f"mlp_ratio={oc['mlp_ratio']}: diffusers' PixArt feed-forward is fixed at 4.")
-    hidden, heads = int(oc["hidden_size"]), int(oc["num_heads"])
-    if hidden % heads:
-        raise ValueError(f"hidden_size {hidden} is not divisible by num_heads {heads}.")
-
-    kv = oc["kv_compress_config"] or {}
-    kv_layers = list(kv.get("kv_compress_layer") or [])
-    kv_ratio = int(kv.get("scale_factor", 1) or 1)
-    kv_sampling = kv.get("sampling")
-    if not kv_layers or kv_ratio <= 1 or kv_sampling is None:
-        kv_layers, kv_ratio, kv_sampling = [], 2, "conv"  # the original builds no compression in these cases
-    depth = int(oc["depth"])
-    # The original silently ignores listed indices >= depth; they can only be a configuration mistake.
-    kv_layers = normalize_kv_compress_layers(kv_layers, depth)
-
-    in_channels = int(oc["in_channels"])
-    return dict(
-        sample_size=int(oc["input_size"]),
-        num_layers=depth,
-        attention_head_dim=hidden // heads,
-        in_channels=in_channels,
-        out_channels=2 * in_channels if oc["pred_sigma"] else in_channels,
-        patch_size=int(oc["patch_size"]),
-        attention_bias=True,
-        num_attention_heads=heads,
-        cross_attention_dim=hidden,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        caption_channels=int(oc["caption_channels"]),
-        interpolation_scale=float(oc["pe_interpolation"]),
-        use_additional_conditions=bool(oc["micro_condition"]),
-        kv_compress_layers=kv_layers or None,
-        kv_compress_ratio=kv_ratio,
-        kv_compress_sampling=kv_sampling,
-    )
-
-
-def convert_pixart_sigma_checkpoint(
-    state_dict_or_path: dict | str | os.PathLike, original_config: dict | None = None
-) -> tuple[dict, dict]:
-    """Original PixArt-Σ (`PixArtMS`) weights -> (diffusers config, diffusers state dict).
-
-    Key mapping as diffusers' `scripts/convert_pixart_sigma_to_diffusers.py` (fused `attn.qkv` split in three,
-    `cross_attn.kv_linear` in two, ...), for any depth, plus the KV-compression weights
-    (`blocks.{i}.attn.sr` -> `transformer_blocks.{i}.attn1.kv_compress.conv`, `attn.norm` -> `...kv_compress.norm`).
-    Raises if weights are left over, or if KV weights contradict `kv_compress_config`.
-    """
-    if isinstance(state_dict_or_path, (str, os.PathLike)):
-        state_dict = load_state_dict_file(state_dict_or_path)
-    else:
-        state_dict = state_dict_or_path
-    if isinstance(state_dict.get("state_dict"), dict):
-        state_dict = state_dict["state_dict"]
-    state_dict = strip_prefixes(dict(state_dict), ("module.", "_orig_mod."))
-
-    original = _resolve_original_config(state_dict, original_config)
-    config = original_config_to_diffusers(original)
-    kv_layers = set(config["kv_compress_layers"] or [])
-    conv_layers = kv_layers if config["kv_compress_sampling"] == "conv" else set()
-    present = _original_kv_layers(state_dict)
-    if set(present) - conv_layers:
-        raise ValueError(
-            f"The weights contain KV-compression convs for blocks {sorted(set(present) - conv_layers)}, which the "
-            f"configuration does not compress with 'conv' (compressed: {sorted(conv_layers)}). Pass the matching "
-            "kv_compress_config, or drop the `blocks.{i}.attn.sr.*` / `attn.norm.*` keys to load without compression."
-        )
-    wrong_kernel = {i: k for i, k in present.items() if k != config["kv_compress_ratio"]}
-    if wrong_kernel:
-        raise ValueError(
-            f"KV conv kernel sizes {wrong_kernel} differ from scale_factor {config['kv_compress_ratio']}."
-        )
-
-    remaining = dict(state_dict)
-    converted = {}
-
-    def take(key: str) -> torch.Tensor:
-        if key not in remaining:
-            raise KeyError(f"The original checkpoint has no {key!r}.")
-        return remaining.pop(key)
-
-    def copy(original_prefix: str, diffusers_prefix: str) -> None:
-        for suffix in ("weight", "bias"):
-            converted[f"{diffusers_prefix}.{suffix}"] = take(f"{original_prefix}.{suffix}")
-
-    prefix_maps = dict(_GLOBAL_KEY_MAP)
-    if config["use_additional_conditions"]:
-        prefix_maps.update(_MICRO_CONDITION_KEY_MAP)
-    for original_prefix, diffusers_prefix in prefix_maps.items():
-        copy(original_prefix, diffusers_prefix)
-    converted["scale_shift_table"] = take("final_layer.scale_shift_table")
-
-    for i in range(config["num_layers"]):
-        src, dst = f"blocks.{i}", f"transformer_blocks.{i}"
-        converted[f"{dst}.scale_shift_table"] = take(f"{src}.scale_shift_table")
-        for suffix in ("weight", "bias"):
-            # Self-attention qkv is one Linear(C, 3C) whose output splits q|k|v before the head split.
-            for name, tensor in zip(("to_q", "to_k", "to_v"), take(f"{src}.attn.qkv.{suffix}").chunk(3, dim=0)):
-                converted[f"{dst}.attn1.{name}.{suffix}"] = tensor
-            for name, tensor in zip(("to_k", "to_v"), take(f"{src}.cross_attn.kv_linear.{suffix}").chunk(2, dim=0)):
-                converted[f"{dst}.attn2.{name}.{suffix}"] = tensor
-        for original_suffix, diffusers_suffix in _BLOCK_KEY_MAP.items():
-            if original_suffix.startswith("attn.sr") or original_suffix.startswith("attn.norm"):
-                if i not in present:
-                    continue  # no KV weights for this block: the model keeps the average init
-            copy(f"{src}.{original_suffix}", f"{dst}.{diffusers_suffix}")
-
-    for key in _DROPPED_ORIGINAL_KEYS:
-        remaining.pop(key, None)
-    if remaining:
-        raise ValueError(f"Unconverted keys left in the original checkpoint: {sorted(remaining)}.")
-    return config, converted
+    def _fused_attn_processor(self, attn: Attention) -> PixArtKVAttnProcessor2_0:
+        # Reads the fused projections and keeps KV compression (`FusedAttnProcessor2_0` would silently skip it).
+        return PixArtKVAttnProcessor2_0()

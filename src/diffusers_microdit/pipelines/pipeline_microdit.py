@@ -15,9 +15,9 @@ from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..conversion.openclip import configure_openclip_tokenizer
 from ..loaders.lora import TransformerLoraLoaderMixin
 from ..models.transformer_microdit import MicroDiTTransformer2DModel
+from .openclip_tokenizer import configure_openclip_tokenizer
 
 EXAMPLE_DOC_STRING = """
     Examples:

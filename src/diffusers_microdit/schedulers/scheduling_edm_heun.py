@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_edm_euler import EDMEulerScheduler
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  (see the package docstring)
 from diffusers.utils import BaseOutput
 
 
@@ -47,9 +47,7 @@ class EDMHeunSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
-# SchedulerMixin/ConfigMixin are already bases of EDMEulerScheduler; naming them keeps them importable from this
-# module, which is where diffusers' pipeline loader looks for a third-party component's base classes.
-class EDMHeunScheduler(EDMEulerScheduler, SchedulerMixin, ConfigMixin):
+class EDMHeunScheduler(EDMEulerScheduler):
     """Deterministic second-order Heun sampler in the EDM formulation (Karras et al. 2022, Algorithm 2 with
     `S_churn = 0`); the defaults reproduce MicroDiT's `edm_sampler_loop`.
 

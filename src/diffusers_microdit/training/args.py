@@ -4,12 +4,11 @@ precomputed-data and cost-meter flags of this package. Each script adds its own 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from diffusers.optimization import SchedulerType
 
-from .data import ASPECT_RATIO_BINS
+from .sources import ASPECT_RATIO_BINS
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, learning_rate: float, weight_decay: float) -> None:
@@ -73,9 +72,11 @@ def add_training_args(parser: argparse.ArgumentParser, *, learning_rate: float, 
     saving.add_argument("--validation_steps", type=int, default=500)
     saving.add_argument("--num_validation_inference_steps", type=int, default=20)
     saving.add_argument("--validation_guidance_scale", type=float, default=None)
-    saving.add_argument("--push_to_hub", action="store_true")
+    saving.add_argument(
+        "--push_to_hub", action="store_true",
+        help="Push the output to the Hub; the token comes from `hf auth login` or HF_TOKEN (there is no --hub_token).",
+    )
     saving.add_argument("--hub_model_id", default=None)
-    saving.add_argument("--hub_token", default=None)
 
     cost = parser.add_argument_group("cost meter")
     cost.add_argument("--gpu_hour_cost", type=float, default=0.0, help="Price of one device-hour in dollars.")
@@ -128,9 +129,6 @@ def resolve_pipeline_path(path: str | None) -> str | None:
 
 def check_training_args(args: argparse.Namespace) -> None:
     """Refuse inconsistent flags before anything is built, saying what to change."""
-    env_rank = int(os.environ.get("LOCAL_RANK", -1))
-    if env_rank != -1:
-        args.local_rank = env_rank
     errors = []
     raw_source = getattr(args, "dataset_name", None) or getattr(args, "train_data_dir", None)
     if not args.precomputed_dataset and not raw_source:
@@ -156,7 +154,5 @@ def check_training_args(args: argparse.Namespace) -> None:
             errors.append(f"--precomputed_dataset {path} is not a folder.")
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         errors.append(f'--resume_from_checkpoint {args.resume_from_checkpoint} is not a folder (or use "latest").')
-    if args.push_to_hub and args.hub_token is not None:
-        errors.append("Do not pass --hub_token on the command line; run `hf auth login` (or set HF_TOKEN) instead.")
     if errors:
         raise SystemExit("Invalid arguments:\n  " + "\n  ".join(errors))

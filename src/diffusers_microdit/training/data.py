@@ -1,52 +1,41 @@
-"""Training data: image-caption sources, the precomputed latent/caption-embedding cache, and batches from it.
+"""Training data from the precomputed cache: its format (columns, shard names), reading one or more caches back,
+mixing several sources by probability with `interleave_datasets` (the paper trains on real and synthetic data
+together), and batching.
 
-Training never runs the VAE or the text encoder. `precompute_embeddings` encodes a source once into a cache folder
-of parquet shards (one `datasets` dataset on disk, resumable shard by shard), and `load_precomputed` reads one or
-more caches back, mixing several sources by probability with `interleave_datasets` (the paper trains on real and
-synthetic data together).
-
-Images are either resized and centre-cropped to square `resolutions`, or (PixArt-Σ's multi-aspect training) to the
-closest of diffusers' PixArt aspect-ratio buckets of a base size; bucketed latents of different shapes are stored
-flattened with their shape, and `AspectRatioBucketBatchSampler` batches rows of one bucket together.
+Training never runs the VAE or the text encoder: `precompute.py` writes the cache once. Latents are either of square
+`resolutions`, or (PixArt-Σ's multi-aspect training) of the closest of diffusers' PixArt aspect-ratio buckets of a
+base size; bucketed latents of different shapes are stored flattened with their shape, and
+`AspectRatioBucketBatchSampler` batches rows of one bucket together.
 """
 
 from __future__ import annotations
 
-import io
-import itertools
 import json
-import logging
 import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
 import datasets
-import numpy as np
 import torch
-from diffusers.image_processor import PixArtImageProcessor
-from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
-    ASPECT_RATIO_256_BIN,
-    ASPECT_RATIO_512_BIN,
-    ASPECT_RATIO_1024_BIN,
-)
-from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
-from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
+from accelerate.data_loader import SeedableRandomSampler
 
-logger = logging.getLogger(__name__)
+# Re-exported: scripts and tests import these from here (they live with the raw-data code in sources.py).
 
 CACHE_INFO = "precompute.json"
-ENCODER_SETTINGS = "encoder.json"  # what the cache was encoded with; a resumed run must match it
-SHARD_PATTERN = "shard-{:05d}.parquet"
+# Shard k of a cache is `shard-0000k.parquet`; these three are the only places that spell the name.
+SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".parquet"
+SHARD_GLOB = f"{SHARD_PREFIX}*{SHARD_SUFFIX}"
 
-# diffusers' PixArt aspect-ratio buckets by base size: {"height/width": [height, width]} in pixels.
-ASPECT_RATIO_BINS = {
-    256: ASPECT_RATIO_256_BIN,
-    512: ASPECT_RATIO_512_BIN,
-    1024: ASPECT_RATIO_1024_BIN,
-    2048: ASPECT_RATIO_2048_BIN,
-}
+
+def shard_name(index: int) -> str:
+    """File name of shard `index` (its statistics file adds `.json`, a write in progress `.tmp`)."""
+    return f"{SHARD_PREFIX}{index:05d}{SHARD_SUFFIX}"
+
+
+def shard_index(name: str) -> int:
+    """The index of a shard file (or of its `.json` / `.tmp` companion) from its name."""
+    return int(name[len(SHARD_PREFIX) :].split(".", 1)[0])
 
 
 def latents_column(resolution: int) -> str:
@@ -56,301 +45,12 @@ def latents_column(resolution: int) -> str:
 
 def bucket_latents_column(base_size: int) -> str:
     """Cache column holding flattened latents of images resized and centre-cropped to their closest aspect-ratio
-    bucket of `base_size` (see `ASPECT_RATIO_BINS`); their (C, H, W) shapes are in `bucket_shape_column`."""
+    bucket of `base_size` (see `sources.ASPECT_RATIO_BINS`); their (C, H, W) shapes are in `bucket_shape_column`."""
     return f"bucket_latents_{base_size}"
 
 
 def bucket_shape_column(base_size: int) -> str:
     return f"{bucket_latents_column(base_size)}_shape"
-
-
-def load_image_caption_source(
-    dataset_name: str | None = None,
-    dataset_config_name: str | None = None,
-    train_data_dir: str | None = None,
-    split: str = "train",
-    streaming: bool = False,
-    cache_dir: str | None = None,
-) -> datasets.Dataset | datasets.IterableDataset:
-    """An image-caption dataset from the Hub (`dataset_name`), a `save_to_disk` folder (`dataset_name` as a path),
-    or an image folder with a `metadata.jsonl` of captions (`train_data_dir`)."""
-    if (dataset_name is None) == (train_data_dir is None):
-        raise ValueError("Give exactly one of `--dataset_name` (Hub id or local dataset) and `--train_data_dir`.")
-    if train_data_dir is not None:
-        if not Path(train_data_dir).is_dir():
-            raise FileNotFoundError(f"--train_data_dir {train_data_dir} is not a folder.")
-        return datasets.load_dataset(
-            "imagefolder", data_dir=train_data_dir, split=split, streaming=streaming, cache_dir=cache_dir
-        )
-    if (Path(dataset_name) / datasets.config.DATASET_STATE_JSON_FILENAME).exists():
-        dataset = datasets.load_from_disk(dataset_name)
-        return dataset.to_iterable_dataset() if streaming else dataset
-    return datasets.load_dataset(
-        dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir
-    )
-
-
-def decode_image(value) -> Image.Image:
-    """A PIL RGB image from a `datasets` image cell (undecoded `{"bytes", "path"}`, a path, or a PIL image).
-    Raises `OSError`/`ValueError` for unreadable data, so callers can count and skip the row."""
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict) and value.get("bytes"):
-        image = Image.open(io.BytesIO(value["bytes"]))
-    elif isinstance(value, dict) and value.get("path"):
-        image = Image.open(value["path"])
-    elif isinstance(value, str):
-        image = Image.open(value)
-    else:
-        raise ValueError(f"not an image: {type(value).__name__}")
-    image.load()  # decode now: truncated files fail here, not later inside a batch
-    return image.convert("RGB")
-
-
-def resize_and_center_crop(image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """(3, height, width) in [-1, 1]: resized (bicubic) to just cover height x width, then centre-cropped."""
-    scale = max(height / image.height, width / image.width)
-    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    resized = image.resize(size, Image.BICUBIC)
-    left, top = (resized.width - width) // 2, (resized.height - height) // 2
-    cropped = resized.crop((left, top, left + width, top + height))
-    pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32)).permute(2, 0, 1)
-    return pixels / 127.5 - 1.0
-
-
-def image_to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
-    """(3, resolution, resolution) in [-1, 1]: shorter side resized (bicubic) to `resolution`, then centre-cropped,
-    as the original MicroDiT data preparation does."""
-    return resize_and_center_crop(image, resolution, resolution)
-
-
-def closest_aspect_ratio_bucket(height: int, width: int, base_size: int) -> tuple[int, int]:
-    """(height, width) in pixels of the bucket of `base_size` whose aspect ratio is closest to the image's, chosen
-    as diffusers' PixArt resolution binning (and the original PixArt-Σ data loader) chooses it."""
-    if base_size not in ASPECT_RATIO_BINS:
-        raise ValueError(
-            f"No aspect-ratio buckets for base size {base_size}; choose one of {sorted(ASPECT_RATIO_BINS)}."
-        )
-    return PixArtImageProcessor.classify_height_width_bin(height, width, ASPECT_RATIO_BINS[base_size])
-
-
-def image_to_bucket_pixels(image: Image.Image, base_size: int) -> torch.Tensor:
-    """(3, H, W) in [-1, 1]: the image resized and centre-cropped to its closest aspect-ratio bucket."""
-    return resize_and_center_crop(image, *closest_aspect_ratio_bucket(image.height, image.width, base_size))
-
-
-@torch.no_grad()
-def encode_images_to_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Latents the pipelines decode with `vae.decode(latents / scaling_factor + shift_factor)`: a sample of the
-    posterior for KL autoencoders (as the original), the deterministic code for `AutoencoderTiny`."""
-    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
-    encoded = vae.encode(pixels)
-    if hasattr(encoded, "latent_dist"):
-        latents = encoded.latent_dist.sample(generator)
-    else:
-        latents = encoded.latents
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
-
-
-def encode_images_by_shape(
-    vae, images: list[torch.Tensor], generator: torch.Generator | None = None
-) -> list[np.ndarray]:
-    """Latents (float16, C x h x w) of (3, H, W) images of possibly different sizes, in input order; images of one
-    size are encoded as one batch (sizes in sorted order, so a rerun draws the same posterior samples)."""
-    by_shape = defaultdict(list)
-    for index, pixels in enumerate(images):
-        by_shape[tuple(pixels.shape)].append(index)
-    latents = [None] * len(images)
-    for shape in sorted(by_shape):
-        indices = by_shape[shape]
-        encoded = encode_images_to_latents(vae, torch.stack([images[i] for i in indices]), generator)
-        for index, values in zip(indices, encoded.float().cpu().numpy().astype(np.float16)):
-            latents[index] = values
-    return latents
-
-
-@torch.no_grad()
-def encode_captions(pipeline, captions: list[str]) -> dict[str, torch.Tensor]:
-    """Caption embeddings exactly as `pipeline` computes them at sampling time (so training sees what inference
-    feeds the transformer); PixArt-style pipelines also return the T5 attention mask."""
-    encoded = pipeline.encode_prompt(captions, do_classifier_free_guidance=False)
-    if len(encoded) == 4:  # PixArt-Sigma layout: (embeds, attention_mask, negative embeds, negative mask)
-        return {"prompt_embeds": encoded[0], "prompt_attention_mask": encoded[1]}
-    return {"prompt_embeds": encoded[0]}
-
-
-def encoder_settings(pipeline, resolutions: Sequence[int], aspect_ratio_buckets: Sequence[int]) -> dict:
-    """What decides a cache's contents: the VAE and text encoder (class and configuration, without paths or
-    versions), the tokenizer's length and the encoded sizes. JSON-normalised, so it compares with a stored copy."""
-
-    def described(component) -> dict:
-        config = component.config if isinstance(component.config, dict) else component.config.to_dict()
-        kept = {key: value for key, value in config.items() if not key.startswith("_") and key != "transformers_version"}
-        return {"class": type(component).__name__, **kept}
-
-    settings = {
-        "vae": described(pipeline.vae),
-        "text_encoder": described(pipeline.text_encoder),
-        "tokenizer_max_length": pipeline.tokenizer.model_max_length,
-        "resolutions": list(resolutions),
-        "aspect_ratio_buckets": list(aspect_ratio_buckets),
-    }
-    return json.loads(json.dumps(settings, default=str))
-
-
-def _check_resumable(output_dir: Path, settings: dict) -> None:
-    """Record `settings` for a new cache; refuse to add to a cache encoded with other settings."""
-    path = output_dir / ENCODER_SETTINGS
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored != settings:
-            differ = sorted(key for key in settings.keys() | stored.keys() if settings.get(key) != stored.get(key))
-            raise ValueError(
-                f"{output_dir} holds a cache encoded with other settings ({', '.join(differ)} differ, see "
-                f"{path.name}): write this one to a new output folder, or delete that one."
-            )
-    elif any(output_dir.glob("shard-*.parquet*")):
-        raise ValueError(f"{output_dir} holds cache shards of unknown origin: use a new output folder or delete it.")
-    path.write_text(json.dumps(settings, indent=2) + "\n")
-
-
-def encode_distinct_captions(pipeline, captions: list[str], batch_size: int) -> dict[str, list[np.ndarray]]:
-    """`encode_captions` of every caption as float16 / int8 arrays by column, each distinct caption encoded once
-    (captions repeat: the 40k shapes images have about 3.5k distinct captions)."""
-    distinct = list(dict.fromkeys(captions))
-    encoded: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
-    for start in range(0, len(distinct), batch_size):
-        chunk = distinct[start : start + batch_size]
-        for column, tensor in encode_captions(pipeline, chunk).items():
-            dtype = np.int8 if column == "prompt_attention_mask" else np.float16
-            encoded[column].update(zip(chunk, tensor.float().cpu().numpy().astype(dtype)))
-    return {column: [by_caption[caption] for caption in captions] for column, by_caption in encoded.items()}
-
-
-def _cache_features(
-    latent_shapes: dict[str, tuple], embeds: dict[str, np.ndarray], bucket_sizes: Sequence[int] = ()
-) -> datasets.Features:
-    features = {"caption": datasets.Value("string")}
-    for column, shape in latent_shapes.items():
-        features[column] = datasets.Array3D(shape, "float16")
-    for base_size in bucket_sizes:  # variable shapes: flat values plus the (C, H, W) shape
-        features[bucket_latents_column(base_size)] = datasets.Sequence(datasets.Value("float16"))
-        features[bucket_shape_column(base_size)] = datasets.Sequence(datasets.Value("int32"), length=3)
-    for column, tensor in embeds.items():
-        if tensor.ndim == 2:  # (L, D) token states
-            features[column] = datasets.Array2D(tuple(tensor.shape), "float16")
-        else:  # (L,) attention mask
-            features[column] = datasets.Sequence(datasets.Value("int8"), length=tensor.shape[0])
-    return datasets.Features(features)
-
-
-def precompute_embeddings(
-    pipeline,
-    source: datasets.Dataset | datasets.IterableDataset,
-    output_dir: str | os.PathLike,
-    resolutions: list[int],
-    image_column: str = "image",
-    caption_column: str = "text",
-    shard_size: int = 1000,
-    batch_size: int = 32,
-    max_samples: int | None = None,
-    seed: int = 0,
-    aspect_ratio_buckets: Sequence[int] = (),
-) -> dict:
-    """Encode `source` into parquet shards of VAE latents (one column per resolution) and caption embeddings.
-
-    `aspect_ratio_buckets` (base sizes of `ASPECT_RATIO_BINS`) adds, per base size, the latents of each image resized
-    and centre-cropped to its closest bucket (`bucket_latents_column`, flattened, with `bucket_shape_column`).
-
-    Resumable: shard k holds the source rows [k * shard_size, (k + 1) * shard_size) and is written atomically, so a
-    rerun skips the finished shards and redoes at most the one that was interrupted; a rerun with another VAE, text
-    encoder or set of sizes is refused, since its shards would not match the finished ones. Rows whose image cannot be
-    decoded or whose caption is missing or empty are skipped and counted, never fatal. Returns the statistics that
-    are also written to `output_dir/precompute.json`.
-    """
-    if not resolutions and not aspect_ratio_buckets:
-        raise ValueError("Give at least one square resolution or aspect-ratio bucket base size to encode.")
-    for base_size in aspect_ratio_buckets:
-        closest_aspect_ratio_bucket(1, 1, base_size)  # fails early, naming the valid base sizes
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _check_resumable(output_dir, encoder_settings(pipeline, resolutions, aspect_ratio_buckets))
-    columns = set(source.column_names or [])
-    if columns and not {image_column, caption_column} <= columns:
-        raise ValueError(
-            f"The dataset has columns {sorted(columns)}; pass the image and caption column names with "
-            f"--image_column / --caption_column (now {image_column!r} / {caption_column!r})."
-        )
-    if isinstance(source.features, datasets.Features) and isinstance(source.features.get(image_column), datasets.Image):
-        source = source.cast_column(image_column, datasets.Image(decode=False))  # decode ourselves, per row
-    total = len(source) if isinstance(source, datasets.Dataset) else None
-    if max_samples is not None:
-        total = max_samples if total is None else min(total, max_samples)
-    generator = torch.Generator(device="cpu")
-
-    def write_shard(index: int, rows: list[dict]) -> dict:
-        stats = {"rows": 0, "skipped_corrupt": 0, "skipped_no_caption": 0}
-        records: dict[str, list] = defaultdict(list)
-        for start in range(0, len(rows), batch_size):
-            captions, pixels = [], {r: [] for r in resolutions}
-            bucket_pixels = {b: [] for b in aspect_ratio_buckets}
-            for row in rows[start : start + batch_size]:
-                caption = row.get(caption_column)
-                if not isinstance(caption, str) or not caption.strip():
-                    stats["skipped_no_caption"] += 1
-                    continue
-                try:
-                    image = decode_image(row.get(image_column))
-                except (OSError, ValueError, UnidentifiedImageError) as error:
-                    logger.warning("skipping an unreadable image (%s)", error)
-                    stats["skipped_corrupt"] += 1
-                    continue
-                captions.append(caption.strip())
-                for resolution in resolutions:
-                    pixels[resolution].append(image_to_pixels(image, resolution))
-                for base_size in aspect_ratio_buckets:
-                    bucket_pixels[base_size].append(image_to_bucket_pixels(image, base_size))
-            if not captions:
-                continue
-            generator.manual_seed(seed * 100_003 + index * 1_009 + start)  # same latents when a shard is redone
-            records["caption"].extend(captions)
-            for resolution in resolutions:
-                latents = encode_images_to_latents(pipeline.vae, torch.stack(pixels[resolution]), generator)
-                records[latents_column(resolution)].extend(latents.float().cpu().numpy().astype(np.float16))
-            for base_size in aspect_ratio_buckets:
-                latents = encode_images_by_shape(pipeline.vae, bucket_pixels[base_size], generator)
-                records[bucket_latents_column(base_size)].extend(values.reshape(-1) for values in latents)
-                records[bucket_shape_column(base_size)].extend(np.asarray(v.shape, np.int32) for v in latents)
-            stats["rows"] += len(captions)
-        if records:
-            embeds = encode_distinct_captions(pipeline, records["caption"], batch_size)
-            records.update(embeds)
-            shapes = {latents_column(r): tuple(records[latents_column(r)][0].shape) for r in resolutions}
-            features = _cache_features(shapes, {column: values[0] for column, values in embeds.items()}, aspect_ratio_buckets)
-            tmp = output_dir / (SHARD_PATTERN.format(index) + ".tmp")
-            datasets.Dataset.from_dict(dict(records), features=features).to_parquet(tmp)
-            os.replace(tmp, output_dir / SHARD_PATTERN.format(index))
-        (output_dir / (SHARD_PATTERN.format(index) + ".json")).write_text(json.dumps(stats))
-        return stats
-
-    done = {int(path.name[6:11]): json.loads(path.read_text()) for path in output_dir.glob("shard-*.parquet.json")}
-    rows_iterator = itertools.islice(iter(source), max_samples)
-    with tqdm(total=total, desc="precompute", unit="img") as progress:
-        for index in itertools.count():
-            rows = list(itertools.islice(rows_iterator, shard_size))
-            if not rows:
-                break
-            if index not in done:  # shards finished by an earlier run are read past, not redone
-                done[index] = write_shard(index, rows)
-            progress.update(len(rows))
-
-    totals = {key: sum(stats[key] for stats in done.values()) for key in ("rows", "skipped_corrupt", "skipped_no_caption")}
-    info = {**totals, "shards": len(list(output_dir.glob("shard-*.parquet"))), "resolutions": list(resolutions)}
-    if aspect_ratio_buckets:
-        info["aspect_ratio_buckets"] = list(aspect_ratio_buckets)
-    (output_dir / CACHE_INFO).write_text(json.dumps(info, indent=2))
-    return info
 
 
 def cached_resolutions(cache_dir: str | os.PathLike) -> list[int]:
@@ -411,7 +111,7 @@ def load_precomputed_buckets(
 
 
 def _load_cache(cache_dir: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
-    files = sorted(str(p) for p in Path(cache_dir).glob("shard-*.parquet"))
+    files = sorted(str(p) for p in Path(cache_dir).glob(SHARD_GLOB))
     if not files:
         raise FileNotFoundError(
             f"No precomputed shards in {cache_dir}; run examples/precompute_embeddings.py --output_dir {cache_dir} first."
@@ -440,26 +140,6 @@ def _mix(sources: list, probabilities: list[float] | None, seed: int):
     return mixed.with_format("torch")
 
 
-class EpochPermutationSampler(torch.utils.data.Sampler[int]):
-    """A shuffle of `range(num_rows)` that depends only on (seed, epoch); `set_epoch` picks the epoch."""
-
-    def __init__(self, num_rows: int, seed: int = 0):
-        self.num_rows = num_rows
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, dtype=np.uint32)
-        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        yield from torch.randperm(self.num_rows, generator=generator).tolist()
-
-    def __len__(self) -> int:
-        return self.num_rows
-
-
 class AspectRatioBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of `batch_size` row indices that all share a bucket, in an order fixed by (seed, epoch).
 
@@ -478,7 +158,10 @@ class AspectRatioBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.buckets = list(buckets)
         self.batch_size = batch_size
         self.drop_last = True  # read by Accelerate's BatchSamplerShard
-        self.sampler = EpochPermutationSampler(len(self.buckets), seed)
+        # Accelerate's seedable sampler: a shuffle of the rows set by (seed + epoch) alone, the sampler the trainer's
+        # unbucketed batches get from `use_seedable_sampler` (whose `prepare` swaps in an equal one with the run's
+        # seed). The trainer sets its epoch every epoch, through this sampler or Accelerate's wrappers.
+        self.sampler = SeedableRandomSampler(range(len(self.buckets)), data_seed=seed)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -492,12 +175,16 @@ class AspectRatioBucketBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __iter__(self):
         pending = defaultdict(list)
+        epoch = self.sampler.epoch
         for index in self.sampler:
             batch = pending[self.buckets[index]]
             batch.append(index)
             if len(batch) == self.batch_size:
                 yield batch[:]
                 batch.clear()
+        # SeedableRandomSampler moves itself to the next epoch after a full pass; undo that, so the batches stay a
+        # function of the epoch last set (`set_epoch`) and iterating twice gives the same epoch twice.
+        self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         return sum(size // self.batch_size for size in self.bucket_sizes().values())
@@ -523,16 +210,18 @@ def collate_bucketed(rows: list[dict]) -> dict[str, torch.Tensor]:
     return {"latents": latents, **torch.utils.data.default_collate(rest)}
 
 
-def load_training_data(args) -> tuple:
+def load_training_data(args, resolution: int, cache_dirs: list[str] | None = None) -> tuple:
     """(dataset, collate_fn, batch_sampler) for `DiffusionTrainer.prepare` from a script's data flags: square
-    latents of `--resolution`, or with `--aspect_ratio_buckets` bucketed latents batched one bucket at a time."""
+    latents of `resolution` px, or with `--aspect_ratio_buckets` bucketed latents batched one bucket at a time.
+    `cache_dirs` (default `--precomputed_dataset`) are the caches to read."""
+    cache_dirs = cache_dirs if cache_dirs is not None else args.precomputed_dataset
     if getattr(args, "aspect_ratio_buckets", None) is None:
         dataset = load_precomputed(
-            args.precomputed_dataset, args.resolution, args.precomputed_dataset_probabilities, args.streaming, args.seed
+            cache_dirs, resolution, args.precomputed_dataset_probabilities, args.streaming, args.seed
         )
         return dataset, None, None
     dataset = load_precomputed_buckets(
-        args.precomputed_dataset, args.aspect_ratio_buckets, args.precomputed_dataset_probabilities, args.seed
+        cache_dirs, args.aspect_ratio_buckets, args.precomputed_dataset_probabilities, args.seed
     )
     sampler = AspectRatioBucketBatchSampler(latent_shape_buckets(dataset), args.train_batch_size, args.seed)
     if len(sampler) == 0:

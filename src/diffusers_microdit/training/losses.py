@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from diffusers import DDPMScheduler, EDMEulerScheduler
 
 from ..models.transformer_microdit import MicroDiTTransformer2DModel, get_random_keep_ids
@@ -21,6 +22,11 @@ def sample_edm_sigmas(
     MicroDiT uses (p_mean, p_std) = (-0.6, 1.2) for its 256-px stages and (0, 0.6) at 512 px.
     """
     return (torch.randn(batch_size, 1, 1, 1, generator=generator, device=device) * p_std + p_mean).exp()
+
+
+def model_config(transformer: torch.nn.Module):
+    """The config of a possibly wrapped model (DDP, FSDP, DeepSpeed, `torch.compile`)."""
+    return extract_model_from_parallel(transformer, keep_torch_compile=False).config
 
 
 def edm_loss(
@@ -37,18 +43,18 @@ def edm_loss(
 
     `D` is the transformer preconditioned by the scheduler (any diffusers EDM scheduler; its `sigma_data` is used),
     exactly as at sampling time. With `keep_ids` (deferred or naive masking, see the model's `masking`) the
-    per-pixel loss is averaged per patch and then over each sample's kept patches only; removed patches contribute
-    nothing. `transformer` may be wrapped (DDP, FSDP): only its forward is used. Returns the batch mean and the
-    per-sample losses (B,).
+    per-pixel loss is averaged per patch (the model config's `patch_size`) and then over each sample's kept patches
+    only; removed patches contribute nothing. `masking` is only read with `keep_ids`. `transformer` may be wrapped
+    (DDP, FSDP): only its forward and config are used. Returns the batch mean and the per-sample losses (B,).
     """
     sigma_data = scheduler.config.sigma_data
     noisy = latents + noise * sigmas
+    masked = {} if keep_ids is None else {"keep_ids": keep_ids, "masking": masking}
     output = transformer(
         scheduler.precondition_inputs(noisy, sigmas),
         scheduler.precondition_noise(sigmas.flatten()),
         encoder_hidden_states,
-        keep_ids=keep_ids,
-        masking=masking,
+        **masked,
     )
     denoised = scheduler.precondition_outputs(noisy, output.sample, sigmas)
     weight = (sigmas**2 + sigma_data**2) / (sigmas * sigma_data) ** 2
@@ -56,16 +62,18 @@ def edm_loss(
     if keep_ids is None:
         per_sample = pixel_loss.flatten(1).mean(dim=1)
     else:
-        patch_size = math.isqrt(latents.shape[-2] * latents.shape[-1] // output.mask.shape[1])
+        patch_size = model_config(transformer).patch_size
         patch_loss = F.avg_pool2d(pixel_loss.mean(dim=1), patch_size).flatten(1)  # (B, T), row-major = token order
         kept = 1.0 - output.mask
         per_sample = (patch_loss * kept).sum(dim=1) / kept.sum(dim=1)
     return per_sample.mean(), per_sample
 
 
+MASKING_MODES = ("deferred", "naive", "none")
+
+
 def microdit_objective(
     scheduler: EDMEulerScheduler,
-    num_tokens: int,
     mask_ratio: float = 0.0,
     masking: str = "deferred",
     p_mean: float = -0.6,
@@ -74,11 +82,17 @@ def microdit_objective(
 ):
     """MicroDiT's training objective as a `compute_loss(model, batch, draws)` for `DiffusionTrainer`.
 
-    Per micro-batch, in the original's order: log-normal noise levels, Gaussian noise, the kept patches when
-    `mask_ratio > 0` (`masking` "deferred" or "naive"; "none" masks nothing), and caption dropout to all-zero
-    embeddings (MicroDiT's null caption for classifier-free guidance); everything drawn from `draws` (a
-    `BatchRandomness`).
+    This objective owns masking: scripts pass the user's `masking` ("deferred" drops patches after the patch mixer,
+    "naive" before it, "none" never) and `mask_ratio` untouched. Per micro-batch it derives the token count from
+    the latents and the model config's `patch_size`, draws the kept patches only when `mask_ratio > 0` and
+    `masking != "none"`, and hands the model its masking mode with them (without them the model masks nothing).
+
+    Per micro-batch, in the original's order: log-normal noise levels, Gaussian noise, the kept patches (when
+    masking), and caption dropout to all-zero embeddings (MicroDiT's null caption for classifier-free guidance);
+    everything drawn from `draws` (a `BatchRandomness`).
     """
+    if masking not in MASKING_MODES:
+        raise ValueError(f"masking must be one of {MASKING_MODES}, got {masking!r}.")
     masked = mask_ratio > 0 and masking != "none"
 
     def compute_loss(model, batch, draws) -> torch.Tensor:
@@ -89,13 +103,12 @@ def microdit_objective(
         noise = draws.local(torch.randn(n, *latents.shape[1:], generator=draws.generator))
         keep_ids = None
         if masked:
+            patch_size = model_config(model).patch_size
+            num_tokens = (latents.shape[-2] // patch_size) * (latents.shape[-1] // patch_size)
             keep_ids = draws.local(get_random_keep_ids(n, num_tokens, mask_ratio, generator=draws.generator))
         keep_caption = draws.local(torch.rand(n, generator=draws.generator) >= caption_dropout)
         captions = captions * keep_caption.view(-1, 1, 1)
-        loss, _ = edm_loss(
-            model, scheduler, latents, captions, sigmas, noise, keep_ids=keep_ids,
-            masking=masking if masked else "deferred",  # the model's default; unused without keep_ids
-        )
+        loss, _ = edm_loss(model, scheduler, latents, captions, sigmas, noise, keep_ids=keep_ids, masking=masking)
         return loss
 
     return compute_loss

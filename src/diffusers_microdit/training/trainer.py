@@ -5,9 +5,9 @@ rest the diffusers examples' way: optimizer, `get_scheduler`, `EMAModel`, gradie
 `save_state`/`load_state` checkpoints with save/load hooks, trackers, validation grids, the cost meter and the final
 pipeline folder. Two additions make runs reproducible across kills and process counts:
 
-* every random draw of a micro-batch (noise levels, noise, masks, caption dropout) comes from `BatchRandomness`,
-  seeded by (seed, micro-step) and sliced by the sample's place in the global batch, so it does not depend on
-  RNG state, on resuming, or on how many processes share the batch;
+* every random draw of a micro-batch (noise levels, noise, masks, caption dropout) comes from `BatchRandomness`
+  (`randomness.py`), seeded by (seed, micro-step) and sliced by the sample's place in the global batch, so it does
+  not depend on RNG state, on resuming, or on how many processes share the batch;
 * checkpoints are written to `checkpoint-N.tmp` and renamed when complete, so a kill mid-write never leaves a
   `checkpoint-N` that `--resume_from_checkpoint latest` would pick but could not load.
 """
@@ -15,6 +15,7 @@ pipeline folder. Two additions make runs reproducible across kills and process c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import logging
 import math
@@ -23,7 +24,6 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -32,32 +32,13 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .cost import CostMeter, count_parameters, count_training_flops, peak_flops
+from .cost import CostMeter, count_parameters, flop_counter, peak_flops
+from .randomness import BatchRandomness
 from .reporting import LossHistory, image_grid, log_images
 
 logger = get_logger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
-
-
-class BatchRandomness:
-    """Random draws for one micro-batch that depend only on (seed, micro-step) and the row in the global batch.
-
-    Every process draws the values of the whole global batch from the same generator and keeps its own rows, so
-    a 2-process run sees exactly the draws of a 1-process run with the same global batch, and a resumed run the
-    draws of an uninterrupted one. Use `generator` with a `global_batch`-sized draw, then `local(...)`.
-    """
-
-    def __init__(self, seed: int, micro_step: int, process_index: int, num_processes: int, local_batch: int, device):
-        state = np.random.SeedSequence([seed, micro_step]).generate_state(2, dtype=np.uint32)
-        self.generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        self.global_batch = local_batch * num_processes
-        self.rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
-        self.device = device
-
-    def local(self, values: torch.Tensor) -> torch.Tensor:
-        """This process's rows of a global-batch draw, on the training device."""
-        return values[self.rows].to(self.device)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -111,6 +92,7 @@ class DiffusionTrainer:
             raise SystemExit("--use_ema is not supported with FSDP or DeepSpeed here; use DDP or drop --use_ema.")
         self.loss_history = LossHistory()
         self.global_step = 0
+        self.max_train_steps: int | None = None  # set by `prepare`
         self.ema = None
         self.cost = None
 
@@ -131,7 +113,8 @@ class DiffusionTrainer:
         collate_fn: Callable | None = None,
         batch_sampler: torch.utils.data.Sampler | None = None,
     ):
-        """Optimizer, LR schedule, EMA, dataloader and checkpoint hooks around `model`; resumes if asked.
+        """Optimizer, LR schedule, EMA, dataloader and checkpoint hooks around `model`; resumes if asked. Sets
+        `max_train_steps` (--max_train_steps, or --num_train_epochs of the dataloader).
 
         `batch_sampler` (e.g. aspect-ratio buckets) replaces the shuffled batches of `--train_batch_size` rows; it
         must yield batches of that size in an order set by (seed, epoch) alone (`set_epoch`), so resuming stays exact.
@@ -178,18 +161,20 @@ class DiffusionTrainer:
                 f"The dataset has {len(dataset)} rows, fewer than one batch of {args.train_batch_size}: lower "
                 "--train_batch_size or add data."
             )
-        if args.max_train_steps is None:
+        # The run's length is the trainer's own (args stay as parsed): --max_train_steps, or the epochs' worth.
+        self.max_train_steps = args.max_train_steps
+        if self.max_train_steps is None:
             batches = math.ceil(len(dataloader) / accelerator.num_processes)
-            args.max_train_steps = args.num_train_epochs * math.ceil(batches / args.gradient_accumulation_steps)
+            self.max_train_steps = args.num_train_epochs * math.ceil(batches / args.gradient_accumulation_steps)
         lr_scheduler = get_scheduler(
             args.lr_scheduler,
             optimizer=optimizer,
             # The prepared scheduler steps once per process per optimizer step.
             num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-            num_training_steps=args.max_train_steps * accelerator.num_processes,
+            num_training_steps=self.max_train_steps * accelerator.num_processes,
             num_cycles=args.lr_num_cycles,
         )
-        self._start_cost_meter(model, collate_fn([next(iter(dataset))]))
+        self._start_cost_meter(model)
         if args.torch_compile:
             model = torch.compile(model)
         self.model, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
@@ -199,21 +184,20 @@ class DiffusionTrainer:
         accelerator.register_load_state_pre_hook(self._load_hook)
         if accelerator.is_main_process:
             config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+            config["max_train_steps"] = self.max_train_steps
             accelerator.init_trackers(args.tracker_project_name or self.output_dir.name, config)
         self._resume()
 
-    def _start_cost_meter(self, model: torch.nn.Module, one_image_batch) -> None:
-        """Count parameters and the FLOPs of one training image (a real forward+backward of a batch of 1)."""
+    def _start_cost_meter(self, model: torch.nn.Module) -> None:
+        """Count parameters now; the FLOPs per image are counted on the run's first training step (`train`).
+
+        Counting them on a real step, not on an extra call of `compute_loss` here, means the script's loss is only
+        ever called for training steps (no fake micro-step, nothing for a script to switch off around it) and the
+        count is of exactly what trains: the prepared model, the run's mixed precision, batch and draws."""
         total, active = count_parameters(model)
-        draws = BatchRandomness(self.args.seed, 2**32, 0, 1, 1, self.device)  # outside the run's micro-steps
-        model.to(self.device)
-        with self.accelerator.autocast():
-            flops = count_training_flops(lambda: self.compute_loss(model, one_image_batch, draws).backward())
-        model.zero_grad(set_to_none=True)
         self.cost = CostMeter(
             total_params=total,
             active_params=active,
-            flops_per_image=flops,
             num_devices=self.accelerator.num_processes,
             peak_flops_per_device=peak_flops(self.device, self.args.peak_tflops),
             gpu_hour_cost=self.args.gpu_hour_cost,
@@ -294,29 +278,31 @@ class DiffusionTrainer:
     # ---------------------------------------------------------------- loop
 
     def train(self, build_pipeline: Callable | None = None) -> None:
-        """Run until `--max_train_steps`, validating every `--validation_steps` with `build_pipeline`."""
+        """Run until `max_train_steps`, validating every `--validation_steps` with `build_pipeline`."""
         args, accelerator = self.args, self.accelerator
         accumulation = args.gradient_accumulation_steps
-        planned_images = args.max_train_steps * args.train_batch_size * accumulation * accelerator.num_processes
-        accelerator.print(self.cost.summary(planned_images))
+        planned_images = self.max_train_steps * args.train_batch_size * accumulation * accelerator.num_processes
 
         batches_per_epoch = len(self.dataloader) if hasattr(self.dataloader, "__len__") else None
         done_batches = self.global_step * accumulation
         first_epoch, skip = (done_batches // batches_per_epoch, done_batches % batches_per_epoch) if batches_per_epoch else (0, done_batches)
         micro_step = done_batches
+        first_step = self.global_step
         progress = tqdm(
-            range(args.max_train_steps), initial=self.global_step, desc="steps",
+            range(self.max_train_steps), initial=self.global_step, desc="steps",
             disable=not accelerator.is_local_main_process,
         )
         running_loss = 0.0
         for epoch in itertools.count(first_epoch):
-            if self.global_step >= args.max_train_steps:
+            if self.global_step >= self.max_train_steps:
                 break
             self.dataloader.set_epoch(epoch)
-            for batch in self.dataloader:
-                if skip:  # batches this run already trained on before it was interrupted
-                    skip -= 1
-                    continue
+            batches = self.dataloader
+            if epoch == first_epoch and skip:
+                # The batches this run trained on before it was interrupted; the skipping loader shares the
+                # prepared loader's (seed, epoch)-ordered sampler, so the rest of the epoch is the same.
+                batches = accelerator.skip_first_batches(self.dataloader, skip)
+            for batch in batches:
                 if micro_step % accumulation == 0:
                     self.cost.start_step()
                 with accelerator.accumulate(self.model):
@@ -324,9 +310,14 @@ class DiffusionTrainer:
                         args.seed, micro_step, accelerator.process_index, accelerator.num_processes,
                         args.train_batch_size, self.device,
                     )
-                    loss = self.compute_loss(self.model, batch, draws)
+                    count = self.cost.flops_per_image is None  # the run's first micro-step
+                    with flop_counter() if count else contextlib.nullcontext() as counter:
+                        loss = self.compute_loss(self.model, batch, draws)
+                        accelerator.backward(loss)
+                    if count:
+                        self.cost.flops_per_image = counter.get_total_flops() / args.train_batch_size
+                        accelerator.print(self.cost.summary(planned_images))
                     running_loss += accelerator.gather(loss.detach()).mean().item() / accumulation
-                    accelerator.backward(loss)
                     if accelerator.sync_gradients and args.max_grad_norm:
                         accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
                     self.optimizer.step()
@@ -338,7 +329,7 @@ class DiffusionTrainer:
                 if self.ema is not None:
                     self.ema.step(self.unwrap().parameters())
                 self.global_step += 1
-                if self.global_step > 1:  # the first step includes one-off warm-up costs
+                if self.global_step > first_step + 1:  # a run's first step has one-off costs (warm-up, FLOP count)
                     self.cost.end_step(args.train_batch_size * accumulation * accelerator.num_processes)
                 logs = {"loss": running_loss, "lr": self.lr_scheduler.get_last_lr()[0]}
                 self.loss_history.append(self.global_step, running_loss)
@@ -346,11 +337,11 @@ class DiffusionTrainer:
                 progress.update(1)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{self.cost.images_per_second:.1f}")
                 accelerator.log(logs, step=self.global_step)
-                if self.global_step % args.checkpointing_steps == 0 or self.global_step == args.max_train_steps:
+                if self.global_step % args.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
                     self.save_checkpoint()
                 if build_pipeline is not None and self.global_step % args.validation_steps == 0:
                     self.validate(build_pipeline, f"step-{self.global_step:06d}")
-                if self.global_step >= args.max_train_steps:
+                if self.global_step >= self.max_train_steps:
                     break
         progress.close()
 
@@ -405,7 +396,7 @@ class DiffusionTrainer:
                 self.ema.copy_to(model.parameters())
                 self.ema = None  # the model now holds the EMA weights; validation must not swap them again
             samples = self.validate(build_pipeline, "final")
-            planned = args.max_train_steps * args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+            planned = self.max_train_steps * args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
             repo_id = args.hub_model_id or self.output_dir.name
             folder = self.save_output(
                 model,

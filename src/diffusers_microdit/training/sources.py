@@ -1,0 +1,135 @@
+"""Raw image-caption data for the precompute step: loading a source (Hub, `save_to_disk` folder, image folder),
+decoding and resizing its images (square centre crops, or PixArt's aspect-ratio buckets) and encoding them with the
+VAE. Training never reads these; it reads the cache `precompute.py` writes (see `data.py`)."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from diffusers.image_processor import PixArtImageProcessor
+from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
+    ASPECT_RATIO_256_BIN,
+    ASPECT_RATIO_512_BIN,
+    ASPECT_RATIO_1024_BIN,
+)
+from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
+from PIL import Image
+
+# diffusers' PixArt aspect-ratio buckets by base size: {"height/width": [height, width]} in pixels.
+ASPECT_RATIO_BINS = {
+    256: ASPECT_RATIO_256_BIN,
+    512: ASPECT_RATIO_512_BIN,
+    1024: ASPECT_RATIO_1024_BIN,
+    2048: ASPECT_RATIO_2048_BIN,
+}
+
+
+def load_image_caption_source(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | None = None,
+    split: str = "train",
+    streaming: bool = False,
+    cache_dir: str | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """An image-caption dataset from the Hub (`dataset_name`), a `save_to_disk` folder (`dataset_name` as a path),
+    or an image folder with a `metadata.jsonl` of captions (`train_data_dir`)."""
+    if (dataset_name is None) == (train_data_dir is None):
+        raise ValueError("Give exactly one of `--dataset_name` (Hub id or local dataset) and `--train_data_dir`.")
+    if train_data_dir is not None:
+        if not Path(train_data_dir).is_dir():
+            raise FileNotFoundError(f"--train_data_dir {train_data_dir} is not a folder.")
+        return datasets.load_dataset(
+            "imagefolder", data_dir=train_data_dir, split=split, streaming=streaming, cache_dir=cache_dir
+        )
+    if (Path(dataset_name) / datasets.config.DATASET_STATE_JSON_FILENAME).exists():
+        dataset = datasets.load_from_disk(dataset_name)
+        return dataset.to_iterable_dataset() if streaming else dataset
+    return datasets.load_dataset(
+        dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir
+    )
+
+
+def decode_image(value) -> Image.Image:
+    """A PIL RGB image from a `datasets` image cell (undecoded `{"bytes", "path"}`, a path, or a PIL image).
+    Raises `OSError`/`ValueError` for unreadable data, so callers can count and skip the row."""
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict) and value.get("bytes"):
+        image = Image.open(io.BytesIO(value["bytes"]))
+    elif isinstance(value, dict) and value.get("path"):
+        image = Image.open(value["path"])
+    elif isinstance(value, str):
+        image = Image.open(value)
+    else:
+        raise ValueError(f"not an image: {type(value).__name__}")
+    image.load()  # decode now: truncated files fail here, not later inside a batch
+    return image.convert("RGB")
+
+
+def resize_and_center_crop(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """(3, height, width) in [-1, 1]: resized (bicubic) to just cover height x width, then centre-cropped."""
+    scale = max(height / image.height, width / image.width)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    resized = image.resize(size, Image.BICUBIC)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    cropped = resized.crop((left, top, left + width, top + height))
+    pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32)).permute(2, 0, 1)
+    return pixels / 127.5 - 1.0
+
+
+def image_to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """(3, resolution, resolution) in [-1, 1]: shorter side resized (bicubic) to `resolution`, then centre-cropped,
+    as the original MicroDiT data preparation does."""
+    return resize_and_center_crop(image, resolution, resolution)
+
+
+def closest_aspect_ratio_bucket(height: int, width: int, base_size: int) -> tuple[int, int]:
+    """(height, width) in pixels of the bucket of `base_size` whose aspect ratio is closest to the image's, chosen
+    as diffusers' PixArt resolution binning (and the original PixArt-Σ data loader) chooses it."""
+    if base_size not in ASPECT_RATIO_BINS:
+        raise ValueError(
+            f"No aspect-ratio buckets for base size {base_size}; choose one of {sorted(ASPECT_RATIO_BINS)}."
+        )
+    return PixArtImageProcessor.classify_height_width_bin(height, width, ASPECT_RATIO_BINS[base_size])
+
+
+def image_to_bucket_pixels(image: Image.Image, base_size: int) -> torch.Tensor:
+    """(3, H, W) in [-1, 1]: the image resized and centre-cropped to its closest aspect-ratio bucket."""
+    return resize_and_center_crop(image, *closest_aspect_ratio_bucket(image.height, image.width, base_size))
+
+
+@torch.no_grad()
+def encode_images_to_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Latents the pipelines decode with `vae.decode(latents / scaling_factor + shift_factor)`: a sample of the
+    posterior for KL autoencoders (as the original), the deterministic code for `AutoencoderTiny`."""
+    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+    encoded = vae.encode(pixels)
+    if hasattr(encoded, "latent_dist"):
+        latents = encoded.latent_dist.sample(generator)
+    else:
+        latents = encoded.latents
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def encode_images_by_shape(
+    vae, images: list[torch.Tensor], generator: torch.Generator | None = None
+) -> list[np.ndarray]:
+    """Latents (float16, C x h x w) of (3, H, W) images of possibly different sizes, in input order; images of one
+    size are encoded as one batch (sizes in sorted order, so a rerun draws the same posterior samples)."""
+    by_shape = defaultdict(list)
+    for index, pixels in enumerate(images):
+        by_shape[tuple(pixels.shape)].append(index)
+    latents = [None] * len(images)
+    for shape in sorted(by_shape):
+        indices = by_shape[shape]
+        encoded = encode_images_to_latents(vae, torch.stack([images[i] for i in indices]), generator)
+        for index, values in zip(indices, encoded.float().cpu().numpy().astype(np.float16)):
+            latents[index] = values
+    return latents
