@@ -149,6 +149,24 @@ TINY_PIXART_CONFIG = dict(
 )
 
 
+def tiny_pixart_inputs(height: int = 8, width: int = 12, seed: int = 1) -> dict:
+    """Forward inputs for `TINY_PIXART_CONFIG` transformers: 2 latents of `height` x `width`, 5 caption tokens (the
+    second caption has 2 masked), two timesteps."""
+    generator = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(2, 4, height, width, generator=generator),
+        encoder_hidden_states=torch.randn(2, 5, 8, generator=generator),
+        encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+        timestep=torch.tensor([10, 700]),
+        added_cond_kwargs=NO_EXTRA_CONDITIONS,
+    )
+
+
+def run_transformer(model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
 def tiny_t5_tokenizer() -> PreTrainedTokenizerFast:
     words = ["<pad>", "</s>", "<unk>", "a", "an", "red", "blue", "cat", "dog", "on", "the", "moon", "photo", "of"]
     backend = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))

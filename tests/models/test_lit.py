@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline, PixArtTransformer2DModel
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention_processor import AttnProcessor2_0
-from helpers import GENERATE, NO_EXTRA_CONDITIONS, TINY_PIXART_CONFIG, generate, randomize_, tiny_pixart_components
+from helpers import (
+    GENERATE,
+    TINY_PIXART_CONFIG,
+    generate,
+    randomize_,
+    tiny_pixart_components,
+    tiny_pixart_inputs,
+)
+from helpers import run_transformer as run
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -39,19 +47,7 @@ def tiny_lit(seed: int = 0, **lit_options) -> LiTTransformer2DModel:
 
 
 def tiny_inputs(height: int = 6, width: int = 10, seed: int = 1) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=torch.randn(2, 4, height, width, generator=generator),
-        encoder_hidden_states=torch.randn(2, 5, 8, generator=generator),
-        encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
-        timestep=torch.tensor([10, 700]),
-        added_cond_kwargs=NO_EXTRA_CONDITIONS,
-    )
-
-
-def run(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).sample
+    return tiny_pixart_inputs(height, width, seed)
 
 
 def assert_nothing_on_meta(model):

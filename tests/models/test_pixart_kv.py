@@ -18,6 +18,8 @@ from helpers import (
     randomize_,
     tiny_pixart_components,
 )
+from helpers import run_transformer as run
+from helpers import tiny_pixart_inputs as tiny_inputs
 from safetensors.torch import load_file, save_file
 
 import diffusers_microdit  # noqa: F401  (registers the package's pipelines with diffusers)
@@ -63,22 +65,6 @@ def fixture_forward(model, io, rows=slice(None), x_key="x"):
 def tiny_plain_pixart(seed: int = 0) -> PixArtTransformer2DModel:
     """diffusers' own PixArt-Σ transformer, every parameter re-drawn (nothing zero-initialised)."""
     return randomize_(PixArtTransformer2DModel(**TINY_PIXART_CONFIG), seed=seed).eval()
-
-
-def tiny_inputs(height: int = 8, width: int = 12, seed: int = 1) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=torch.randn(2, 4, height, width, generator=generator),
-        encoder_hidden_states=torch.randn(2, 5, 8, generator=generator),
-        encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
-        timestep=torch.tensor([10, 700]),
-        added_cond_kwargs=NO_EXTRA_CONDITIONS,
-    )
-
-
-def run(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).sample
 
 
 def block_outputs(model, inputs) -> list[torch.Tensor]:
