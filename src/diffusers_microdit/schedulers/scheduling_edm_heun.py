@@ -140,8 +140,6 @@ class EDMHeunScheduler(EDMEulerScheduler):
                 raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
             # i / (N - 1) exactly as the original sampler (torch.linspace differs in the last bits).
             ramp = torch.arange(num_inference_steps, dtype=torch.float64) / max(num_inference_steps - 1, 1)
-        if ramp.numel() < 1:
-            raise ValueError("`sigmas` must contain at least one value.")
         if self.config.sigma_schedule == "karras":
             levels = self._compute_karras_sigmas(ramp)
         else:
