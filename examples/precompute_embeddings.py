@@ -11,9 +11,13 @@ multi-aspect training, --aspect_ratio_buckets 512 encodes each image at its clos
     python examples/precompute_embeddings.py --pretrained_model_name_or_path PIPELINE \\
         --dataset_name user/data --aspect_ratio_buckets 512 --output_dir cache/
 
+For large datasets, `accelerate launch examples/precompute_embeddings.py ...` splits the shards across processes
+(each writes its own; --mixed_precision bf16 runs the encoders in bf16); the result is one cache.
+
 The cache is a folder of parquet shards (one `datasets` dataset) plus precompute.json with counts. Rerunning the
-same command after an interruption continues where it stopped. Rows with unreadable images or no caption are
-skipped and counted.
+same command after an interruption continues where it stopped, and re-encodes shards that are missing, damaged or
+whose source rows changed. Rows with unreadable images, no caption, or (--min_image_size) small images are skipped
+and counted.
 """
 
 import argparse
@@ -21,11 +25,17 @@ import json
 import os
 
 import torch
+from accelerate import Accelerator
 from diffusers import AutoencoderKL, DiffusionPipeline
 
 import diffusers_microdit  # noqa: F401  (registers the package's classes with diffusers)
-from diffusers_microdit.training.args import add_image_caption_source_args, resolve_pipeline_path
-from diffusers_microdit.training.precompute import precompute_embeddings
+from diffusers_microdit.training.args import (
+    add_image_caption_source_args,
+    image_preparation,
+    numeric_flag_problems,
+    resolve_pipeline_path,
+)
+from diffusers_microdit.training.precompute import precompute_embeddings, write_cache_info
 from diffusers_microdit.training.sources import ASPECT_RATIO_BINS, load_image_caption_source
 
 
@@ -52,11 +62,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--shard_size", type=int, default=1000, help="Rows per parquet shard (unit of resuming).")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0, help="Seeds the VAE posterior samples.")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the VAE posterior samples, crops and flips.")
+    parser.add_argument(
+        "--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
+        help="Run the VAE and text encoder in this precision (T5-XXL is 19 GB in fp32); the cache stores float16.",
+    )
     args = parser.parse_args(argv)
     if args.resolutions is None:
         args.resolutions = [] if args.aspect_ratio_buckets else [256]
-    errors = []
+    errors = numeric_flag_problems(args)
     if (args.dataset_name is None) == (args.train_data_dir is None):
         errors.append("Give exactly one of --dataset_name and --train_data_dir.")
     for name in ("shard_size", "batch_size"):
@@ -72,11 +86,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    accelerator = Accelerator()  # `accelerate launch` processes split the shards; one process is the plain case
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     swapped_vae = {} if args.vae is None else {"vae": AutoencoderKL.from_pretrained(args.vae)}
     pipeline = DiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path, revision=args.revision, transformer=None, **swapped_vae
-    ).to(device)
+    )
+    pipeline.vae.to(accelerator.device, dtype)
+    pipeline.text_encoder.to(accelerator.device, dtype)
     factor = pipeline.vae_scale_factor
     if any(r % factor for r in args.resolutions):
         raise SystemExit(f"--resolutions must be multiples of the VAE's downsampling factor {factor}.")
@@ -84,12 +101,23 @@ def main(argv=None) -> dict:
         args.dataset_name, args.dataset_config_name, args.train_data_dir, args.dataset_split, args.streaming,
         args.cache_dir,
     )
-    info = precompute_embeddings(
+    source_name = args.dataset_name or args.train_data_dir
+    counts = precompute_embeddings(
         pipeline, source, args.output_dir, args.resolutions, args.image_column, args.caption_column,
         args.shard_size, args.batch_size, args.max_samples, args.seed, args.aspect_ratio_buckets,
+        source_name=source_name, images=image_preparation(args),
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
     )
-    print(json.dumps(info, indent=2))
-    print(f"Cache in {os.path.abspath(args.output_dir)}: train with --precomputed_dataset {args.output_dir}")
+    if accelerator.num_processes == 1:
+        info = counts
+    else:
+        print(f"process {accelerator.process_index}: {json.dumps(counts)}", flush=True)
+        accelerator.wait_for_everyone()
+        info = write_cache_info(args.output_dir, args.resolutions, args.aspect_ratio_buckets, source_name) if accelerator.is_main_process else None
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        print(json.dumps(info, indent=2))
+        print(f"Cache in {os.path.abspath(args.output_dir)}: train with --precomputed_dataset {args.output_dir}")
     return info
 
 

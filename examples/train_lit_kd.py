@@ -26,7 +26,6 @@ the caches of examples/precompute_embeddings.py, as for train_pixart_kv.py (same
 
 import argparse
 import contextlib
-import math
 from pathlib import Path
 
 import torch
@@ -51,11 +50,11 @@ from diffusers_microdit.training.losses import (
     lit_distillation_loss,
 )
 from diffusers_microdit.training.pixart import (
-    check_cache_fits,
     move_to_resolution,
     null_caption,
     training_noise_scheduler,
 )
+from diffusers_microdit.training.precompute import training_caches
 from diffusers_microdit.training.trainer import DiffusionTrainer
 
 # LiT's student architecture options: flag name -> (`from_pixart` argument, default).
@@ -115,16 +114,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
 
-    check_training_args(args)
     errors = []
     if args.pretrained_model_name_or_path is None:
         errors.append("--init_from (or --pretrained_model_name_or_path) is required: the PixArt-Sigma teacher.")
     for name in ("lambda_noise", "lambda_variance"):
         value = getattr(args, name)
-        if not (math.isfinite(value) and value >= 0):
-            errors.append(f"--{name} must be a finite number >= 0 (0 removes the term), got {value}.")
-    if not 0.0 <= args.caption_dropout < 1.0:
-        errors.append(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
+        if value < 0:  # non-finite values are refused with the shared flags
+            errors.append(f"--{name} must be >= 0 (0 removes the term), got {value}.")
     if args.linear_attention_heads is not None and args.linear_attention_heads < 1:
         errors.append(f"--linear_attention_heads must be >= 1, got {args.linear_attention_heads}.")
     chosen = [f"--{name}" for name in STUDENT_OPTIONS if getattr(args, name) is not None]
@@ -138,8 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "folder or the --output_dir of a previous run."
             )
     errors += check_aspect_ratio_bucket_args(args)
-    if errors:
-        raise SystemExit("Invalid arguments:\n  " + "\n  ".join(errors))
+    check_training_args(args, errors)
     args.pretrained_model_name_or_path = resolve_pipeline_path(args.pretrained_model_name_or_path)
     return args
 
@@ -264,9 +259,9 @@ def main(argv=None) -> None:
         )
     noise_scheduler = training_noise_scheduler(pipeline)
 
-    dataset, collate_fn, batch_sampler = load_training_data(args, resolution)
+    cache_dirs = training_caches(args, pipeline, trainer.accelerator, resolution)
+    dataset, collate_fn, batch_sampler = load_training_data(args, resolution, pipeline, teacher, cache_dirs)
     first_row = next(iter(dataset))
-    check_cache_fits(first_row, teacher)
     null_embeds, null_mask = null_caption(pipeline, first_row["prompt_embeds"].shape[0])
     attach_teacher(teacher, trainer.device, trainer.weight_dtype, args.teacher_cpu_offload)
     trainer.accelerator.print(

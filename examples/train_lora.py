@@ -26,7 +26,6 @@ Output in --output_dir: `pytorch_lora_weights.safetensors` and a model card (REA
 """
 
 import argparse
-from pathlib import Path
 
 from diffusers import DiffusionPipeline, PixArtSigmaPipeline
 
@@ -41,7 +40,6 @@ from diffusers_microdit import (
 )
 from diffusers_microdit.training.args import (
     add_aspect_ratio_bucket_arg,
-    add_image_caption_source_args,
     add_training_args,
     check_aspect_ratio_bucket_args,
     check_training_args,
@@ -50,9 +48,8 @@ from diffusers_microdit.training.args import (
 from diffusers_microdit.training.data import load_training_data
 from diffusers_microdit.training.lora import LoraTrainer, add_lora_adapter, add_lora_args, check_lora_args
 from diffusers_microdit.training.losses import microdit_objective, pixart_objective
-from diffusers_microdit.training.pixart import check_cache_fits, null_caption, training_noise_scheduler
-from diffusers_microdit.training.precompute import precompute_embeddings
-from diffusers_microdit.training.sources import load_image_caption_source
+from diffusers_microdit.training.pixart import null_caption, training_noise_scheduler
+from diffusers_microdit.training.precompute import training_caches
 
 # Pipeline found at --init_from -> (pipeline class trained and saved, transformer class loaded).
 LORA_PIPELINES = {
@@ -69,8 +66,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(parser, learning_rate=1e-4, weight_decay=1e-2)  # the diffusers LoRA examples' values
     add_lora_args(parser)
-    source = parser.add_argument_group("raw data (encoded into --output_dir/cache first)")
-    add_image_caption_source_args(source)
     objective = parser.add_argument_group("objective")
     objective.add_argument(
         "--caption_dropout", type=float, default=0.0,
@@ -82,21 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.set_defaults(lr_scheduler="constant", validation_steps=100)
     args = parser.parse_args(argv)
 
-    check_training_args(args)
     errors = check_lora_args(args) + check_aspect_ratio_bucket_args(args)
     if args.pretrained_model_name_or_path is None:
         errors.append("--init_from (or --pretrained_model_name_or_path) is required: the pipeline to adapt.")
-    raw_source = args.dataset_name or args.train_data_dir
-    if args.dataset_name and args.train_data_dir:
-        errors.append("Give one of --dataset_name and --train_data_dir, not both.")
-    if raw_source and args.precomputed_dataset:
-        errors.append("Give either raw data (--dataset_name / --train_data_dir) or --precomputed_dataset, not both.")
-    if args.train_data_dir and not Path(args.train_data_dir).is_dir():
-        errors.append(f"--train_data_dir {args.train_data_dir} is not a folder.")
-    if not 0.0 <= args.caption_dropout < 1.0:
-        errors.append(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
-    if errors:
-        raise SystemExit("Invalid arguments:\n  " + "\n  ".join(errors))
+    check_training_args(args, errors)
     args.pretrained_model_name_or_path = resolve_pipeline_path(args.pretrained_model_name_or_path)
     return args
 
@@ -116,28 +100,8 @@ def load_pipeline(args) -> DiffusionPipeline:
     return pipeline_class(**{**base.components, "transformer": transformer})
 
 
-def encode_raw_data(args, pipeline, trainer: LoraTrainer, resolution: int) -> list[str]:
-    """Encode --dataset_name / --train_data_dir into --output_dir/cache on the main process (resumable: a rerun keeps
-    finished shards); returns the cache folders to train from."""
-    cache = Path(args.output_dir) / "cache"
-    if trainer.accelerator.is_main_process:
-        source = load_image_caption_source(
-            args.dataset_name, args.dataset_config_name, args.train_data_dir, args.dataset_split, False, args.cache_dir
-        )
-        buckets = [args.aspect_ratio_buckets] if args.aspect_ratio_buckets else []
-        pipeline.to(trainer.device)
-        precompute_embeddings(
-            pipeline, source, cache, [] if buckets else [resolution], args.image_column, args.caption_column,
-            max_samples=args.max_samples, seed=args.seed, aspect_ratio_buckets=buckets,
-        )
-        pipeline.to("cpu")
-    trainer.accelerator.wait_for_everyone()
-    return [str(cache)]
-
-
 def make_compute_loss(args, pipeline, first_row: dict, resolution: int):
     """The family's objective (`compute_loss(model, batch, draws)`) at `resolution` px."""
-    transformer = pipeline.transformer
     if isinstance(pipeline, MicroDiTPipeline):
         nearest_stage = min(MICRODIT_P_MEAN_STD, key=lambda size: abs(size - resolution))
         p_mean, p_std = MICRODIT_P_MEAN_STD[nearest_stage]
@@ -146,7 +110,6 @@ def make_compute_loss(args, pipeline, first_row: dict, resolution: int):
             p_mean=p_mean if args.p_mean is None else args.p_mean, p_std=p_std if args.p_std is None else args.p_std,
             caption_dropout=args.caption_dropout,
         )
-    check_cache_fits(first_row, transformer)
     null_embeds, null_mask = null_caption(pipeline, first_row["prompt_embeds"].shape[0])
     return pixart_objective(training_noise_scheduler(pipeline), null_embeds, null_mask, args.caption_dropout)
 
@@ -163,10 +126,8 @@ def main(argv=None) -> None:
             f"The pipeline is a {native}-px model and --resolution is {resolution}: LoRA trains at the model's "
             "resolution (train another resolution first with the family's train_*.py script)."
         )
-    raw_source = args.dataset_name or args.train_data_dir
-    cache_dirs = encode_raw_data(args, pipeline, trainer, resolution) if raw_source else args.precomputed_dataset
-
-    dataset, collate_fn, batch_sampler = load_training_data(args, resolution, cache_dirs)
+    cache_dirs = training_caches(args, pipeline, trainer.accelerator, resolution)
+    dataset, collate_fn, batch_sampler = load_training_data(args, resolution, pipeline, transformer, cache_dirs)
     compute_loss = make_compute_loss(args, pipeline, next(iter(dataset)), resolution)
     config = add_lora_adapter(transformer, args, trainer.weight_dtype)
     trainer.accelerator.print(
@@ -179,7 +140,7 @@ def main(argv=None) -> None:
 
     trainer.prepare(transformer, dataset, compute_loss, collate_fn, batch_sampler)
     trainer.train(build_pipeline)
-    trainer.finish(build_pipeline, training_data=f"{raw_source} (column {args.caption_column!r} as captions)" if raw_source else None)
+    trainer.finish(build_pipeline)
 
 
 if __name__ == "__main__":

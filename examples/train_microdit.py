@@ -11,7 +11,9 @@ The paper's recipe as chained runs (each starts from the previous run's output w
         --resolution 512 --mask_ratio 0.75 --p_mean 0 --p_std 0.6 --max_grad_norm 0.5 ... --output_dir stage3
 
 BASE is a MicroDiT pipeline folder (VAE, text encoder, tokenizer, scheduler; its transformer is replaced by a new
-one when --transformer_config is given). Data comes from caches written by examples/precompute_embeddings.py.
+one when --transformer_config is given). Data: an image-caption dataset (--dataset_name: Hub id, `save_to_disk`
+folder, parquet/imagefolder; or --train_data_dir: images + metadata.jsonl), encoded once into a cache under
+--output_dir/cache, or caches written by examples/precompute_embeddings.py (--precomputed_dataset).
 """
 
 import argparse
@@ -25,8 +27,9 @@ from diffusers_microdit import MicroDiTPipeline, MicroDiTTransformer2DModel
 from diffusers_microdit.models.transformer_microdit import MICRODIT_PRESETS
 from diffusers_microdit.pipelines.pipeline_microdit import vae_scale_factor_of
 from diffusers_microdit.training.args import add_training_args, check_training_args, resolve_pipeline_path
-from diffusers_microdit.training.data import cached_resolutions, load_precomputed
+from diffusers_microdit.training.data import cached_resolutions, load_training_data
 from diffusers_microdit.training.losses import microdit_objective
+from diffusers_microdit.training.precompute import training_caches
 from diffusers_microdit.training.trainer import DiffusionTrainer
 
 
@@ -50,25 +53,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.set_defaults(lr_scheduler="cosine", max_grad_norm=0.25, validation_guidance_scale=5.0)
     args = parser.parse_args(argv)
 
-    check_training_args(args)
     errors = []
     if args.pretrained_model_name_or_path is None:
         errors.append("--init_from (or --pretrained_model_name_or_path) is required: a MicroDiT pipeline folder.")
     if not 0.0 <= args.mask_ratio < 1.0:
         errors.append(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}.")
-    if not 0.0 <= args.caption_dropout < 1.0:
-        errors.append(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
     config = args.transformer_config
     if config is not None and config not in MICRODIT_PRESETS and not Path(config).is_file():
         errors.append(f"--transformer_config {config} is neither a preset ({sorted(MICRODIT_PRESETS)}) nor a file.")
-    if errors:
-        raise SystemExit("Invalid arguments:\n  " + "\n  ".join(errors))
+    check_training_args(args, errors)
     args.pretrained_model_name_or_path = resolve_pipeline_path(args.pretrained_model_name_or_path)
     if args.resolution is None and args.transformer_config is not None:
         # A new transformer is sized for the training resolution: the one size every cache holds.
-        resolutions = sorted(set.intersection(*(set(cached_resolutions(d)) for d in args.precomputed_dataset)))
+        caches = args.precomputed_dataset or []
+        resolutions = sorted(set.intersection(*(set(cached_resolutions(d)) for d in caches))) if caches else []
         if len(resolutions) != 1:
-            raise SystemExit(f"Pick the training size with --resolution (the caches hold {resolutions}).")
+            raise SystemExit(f"Pick the training size with --resolution (the caches hold {resolutions or 'none'}).")
         args.resolution = resolutions[0]
     return args
 
@@ -116,9 +116,8 @@ def main(argv=None) -> None:
     masking = f"{args.masking} {args.mask_ratio:.0%}" if args.mask_ratio > 0 and args.masking != "none" else "none"
     trainer.accelerator.print(f"MicroDiT at {resolution} px ({num_tokens} patches), masking: {masking}")
 
-    dataset = load_precomputed(
-        args.precomputed_dataset, resolution, args.precomputed_dataset_probabilities, args.streaming, args.seed
-    )
+    cache_dirs = training_caches(args, pipeline, trainer.accelerator, resolution)
+    dataset, _, _ = load_training_data(args, resolution, pipeline, transformer, cache_dirs)
 
     # The objective owns masking: it gets the user's --masking and --mask_ratio as given.
     compute_loss = microdit_objective(

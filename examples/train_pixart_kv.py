@@ -41,12 +41,12 @@ from diffusers_microdit.training.args import (
 from diffusers_microdit.training.data import load_training_data
 from diffusers_microdit.training.losses import pixart_objective
 from diffusers_microdit.training.pixart import (
-    check_cache_fits,
     move_to_resolution,
     null_caption,
     training_noise_scheduler,
 )
 from diffusers_microdit.training.sources import ASPECT_RATIO_BINS
+from diffusers_microdit.training.precompute import training_caches
 from diffusers_microdit.training.trainer import DiffusionTrainer
 
 DEEPER_HALF = "deeper_half"
@@ -80,7 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
 
-    check_training_args(args)
     errors = []
     if args.pretrained_model_name_or_path is None:
         errors.append("--init_from (or --pretrained_model_name_or_path) is required: a PixArt-Sigma pipeline.")
@@ -94,11 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             errors.append(f'--kv_compress_layers takes block indices or "{DEEPER_HALF}", got {" ".join(layers)}.')
         if args.kv_compress_ratio < 2:
             errors.append(f"--kv_compress_ratio must be >= 2 to compress anything, got {args.kv_compress_ratio}.")
-    if not 0.0 <= args.caption_dropout < 1.0:
-        errors.append(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}.")
     errors += check_aspect_ratio_bucket_args(args)
-    if errors:
-        raise SystemExit("Invalid arguments:\n  " + "\n  ".join(errors))
+    check_training_args(args, errors)
     args.pretrained_model_name_or_path = resolve_pipeline_path(args.pretrained_model_name_or_path)
     return args
 
@@ -164,9 +160,9 @@ def main(argv=None) -> None:
         )
     noise_scheduler = training_noise_scheduler(pipeline)
 
-    dataset, collate_fn, batch_sampler = load_training_data(args, resolution)
+    cache_dirs = training_caches(args, pipeline, trainer.accelerator, resolution)
+    dataset, collate_fn, batch_sampler = load_training_data(args, resolution, pipeline, transformer, cache_dirs)
     first_row = next(iter(dataset))
-    check_cache_fits(first_row, transformer)
     null_embeds, null_mask = null_caption(pipeline, first_row["prompt_embeds"].shape[0])
     kv = transformer.kv_compressed_layers
     trainer.accelerator.print(

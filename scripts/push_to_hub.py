@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Upload a folder, or a pipeline with a freshly written model card, to a Hugging Face Hub repo.
+"""Upload a LoRA or pipeline folder, or a pipeline with a freshly written model card, to a Hugging Face Hub repo.
 
 Examples:
 
-    # A folder as it is (a folder from `save_pipeline_with_card`, a LoRA folder, ...):
+    # A LoRA folder or a folder from `save_pipeline_with_card` (only what it needs is uploaded):
     python scripts/push_to_hub.py my-lora --repo_id me/microdit-origami-lora
 
     # A pipeline folder (any `save_pretrained` output): write a complete folder with model card and samples first.

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from fake_hub import serve_fake_hub
 
 
 @pytest.fixture(scope="module")
@@ -13,3 +14,10 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def fake_hub():
+    """The local Hub stand-in of fake_hub.py, served for one module; talk to it with `fake_hub.hub_env`."""
+    with serve_fake_hub() as server:
+        yield server

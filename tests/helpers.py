@@ -295,6 +295,15 @@ def run_script(script: str, *args, launcher=(sys.executable,), check=True, env=N
     return result
 
 
+def microdit_train_args(workspace: dict, output_dir, *extra) -> list:
+    """train_microdit.py arguments for the `microdit_workspace` fixture (tests/training/conftest.py)."""
+    return [
+        "--init_from", workspace["base"], "--transformer_config", workspace["config"],
+        "--precomputed_dataset", workspace["cache"], "--output_dir", output_dir, "--train_batch_size", 4,
+        "--report_to", "none", "--seed", 3, *extra,
+    ]
+
+
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(output_dir / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
 

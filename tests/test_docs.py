@@ -1,6 +1,8 @@
 """What the documentation tells users to run matches what works: every example script is described in
-examples/README.md, and no instruction uses a deprecated or missing command."""
+examples/README.md, no instruction uses a deprecated or missing command, and the README's recipe table is the
+recipe file."""
 
+import json
 import re
 
 from helpers import REPO_ROOT
@@ -28,3 +30,20 @@ def test_no_deprecated_or_missing_commands_in_instructions():
         assert not re.search(r"from_pretrained\([^)]*torch_dtype=", text), f"{path}: use dtype= (diffusers 0.42)"
         assert "huggingface-cli login" not in text, f"{path}: the command is `hf auth login`"
         assert "pip install diffusers-microdit" not in text, f"{path}: not on PyPI; use hub.INSTALL_COMMAND"
+
+
+def test_the_readme_recipe_table_is_the_recipe_file():
+    recipe = json.loads((REPO_ROOT / "examples" / "recipes" / "microdit_paper.json").read_text())
+    rows = [line for line in (REPO_ROOT / "README.md").read_text().splitlines() if re.match(r"\| \d `stage", line)]
+    assert len(rows) == len(recipe["stages"])
+    for row, stage in zip(rows, recipe["stages"]):
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        flags = {**recipe["common"], **stage["args"]}
+        accumulation = flags["--global_batch_size"] // (flags["--train_batch_size"] * 8)
+        assert cells[0].endswith(f"`{stage['name']}`")
+        assert cells[1:4] == [str(flags["--resolution"]), f"{flags['--mask_ratio']:g}", str(flags["--max_train_steps"])]
+        rate, schedule = (part.strip() for part in cells[4].split(",")[:2])
+        assert (float(rate), schedule) == (flags["--learning_rate"], flags["--lr_scheduler"])
+        assert cells[5] == f"{flags['--p_mean']:g} / {flags['--p_std']:g}" and cells[6] == f"{flags['--max_grad_norm']:g}"
+        assert cells[7] == f"{flags['--train_batch_size']} x {accumulation} x 8 = {flags['--global_batch_size']}"
+        assert ("optimizer state of" in cells[4]) == bool(flags.get("--resume_optimizer_state"))

@@ -1,25 +1,21 @@
 """Publishing: model cards, the Hub-loadable folder layout, and push -> `DiffusionPipeline.from_pretrained(repo_id)`
 in a fresh process against a local stand-in for the Hub HTTP API."""
 
-import base64
-import hashlib
 import json
 import os
-import re
+import shutil
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pytest
 import torch
+from fake_hub import hub_env
 from helpers import PIPELINE_FAMILIES, REPO_ROOT, tiny_family_call_kwargs, tiny_family_pipeline
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from diffusers_microdit.hub import INSTALL_COMMAND, push_folder_to_hub, save_pipeline_with_card
+from diffusers_microdit.hub import INSTALL_COMMAND, push_folder_to_hub, save_lora_with_card, save_pipeline_with_card
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one intra-op thread
 LICENCES = {
@@ -41,113 +37,27 @@ for repo_id, kwargs, out in json.loads(sys.argv[1]):
 """
 
 
-class FakeHubHandler(BaseHTTPRequestHandler):
-    """Just enough of the Hub HTTP API for `create_repo` + `upload_folder` and diffusers' `download()`: repos are
-    dicts of file contents in `server.repos`, every file is a regular (non-LFS) upload, one branch per repo."""
-
-    def log_message(self, *args):
-        pass
-
-    def send_body(self, body: bytes, status=200, content_type="application/json", headers=None):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def send_json(self, payload, status=200):
-        self.send_body(json.dumps(payload).encode(), status)
-
-    def not_found(self):
-        self.send_body(b'{"error": "not found"}', 404, headers={"X-Error-Code": "EntryNotFound"})
-
-    def repo(self, repo_id):
-        return self.server.repos.get(repo_id)
-
-    def do_POST(self):
-        path = unquote(urlsplit(self.path).path)
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if path == "/api/repos/create":
-            request = json.loads(body)
-            repo_id = f"{request['organization']}/{request['name']}"
-            self.server.repos.setdefault(repo_id, {"sha": "0" * 40, "files": {}})
-            return self.send_json({"url": f"{self.server.url}/{repo_id}", "name": repo_id, "id": repo_id})
-        if path == "/api/validate-yaml":
-            return self.send_json({"errors": [], "warnings": []})
-        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/[^/]+", path)
-        if not match or self.repo(match[1]) is None:
-            return self.not_found()
-        repo = self.repo(match[1])
-        if match[2] == "preupload":
-            files = json.loads(body)["files"]
-            return self.send_json(
-                {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
-            )
-        for line in body.splitlines():
-            item = json.loads(line)
-            if item["key"] == "file":
-                repo["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-        repo["sha"] = hashlib.sha1(repr(sorted(repo["files"].items())).encode()).hexdigest()
-        commit_url = f"{self.server.url}/{match[1]}/commit/{repo['sha']}"
-        self.send_json({"commitUrl": commit_url, "commitOid": repo["sha"], "pullRequestUrl": None})
-
-    def do_GET(self):
-        path = unquote(urlsplit(self.path).path)
-        info = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?", path)
-        tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/[^/]+", path)
-        resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path)
-        match = info or tree or resolve
-        repo = self.repo(match[1]) if match else None
-        if repo is None:
-            return self.not_found()
-        if info:
-            siblings = [{"rfilename": name} for name in sorted(repo["files"])]
-            return self.send_json({"id": match[1], "sha": repo["sha"], "siblings": siblings, "private": False})
-        if tree:
-            return self.send_json(
-                [
-                    {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                    for name, data in sorted(repo["files"].items())
-                ]
-            )
-        data = repo["files"].get(resolve[2])
-        if data is None:
-            return self.not_found()
-        etag = f'"{hashlib.sha1(data).hexdigest()}"'
-        headers = {"X-Repo-Commit": repo["sha"], "ETag": etag}
-        self.send_body(data, content_type="application/octet-stream", headers=headers)
-
-    do_HEAD = do_GET
+# Files a training output folder may hold that a push must leave out: secrets, pickles, training state at any depth,
+# tracker logs, encoded-data caches.
+JUNK = (
+    ".env",
+    ".huggingface/token",
+    "sub/checkpoint-5/x.safetensors",
+    "optimizer.bin",
+    "logs/events",
+    "cache/latents.safetensors",
+    "transformer/.cache/config.json",
+)
 
 
-@pytest.fixture(scope="module")
-def fake_hub():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHubHandler)
-    server.url = f"http://127.0.0.1:{server.server_port}"
-    server.repos = {}
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
-
-
-def hub_env(fake_hub, tmp_path) -> dict:
-    """Environment of a fresh process that talks to the fake Hub with an empty cache."""
-    return {
-        **os.environ,
-        "HF_ENDPOINT": fake_hub.url,
-        "HF_HUB_OFFLINE": "0",
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_TOKEN": "hf_fake",
-        "OMP_NUM_THREADS": "1",  # tiny models: extra intra-op threads only contend for the 2 cores
-    }
+def with_junk(folder, copy_to):
+    """Copy `folder` to `copy_to` and add the `JUNK` files; return (the copy, the files of `folder`)."""
+    needed = {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+    shutil.copytree(folder, copy_to)
+    for name in JUNK:
+        (copy_to / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy_to / name).write_text("not for the Hub")
+    return copy_to, needed
 
 
 def sample_image(seed: int) -> Image.Image:
@@ -251,6 +161,10 @@ def test_push_refuses_what_the_hub_could_not_load(tmp_path):
         push_folder_to_hub(plain, "someone/never-created")
     with pytest.raises(FileNotFoundError, match="Nothing to upload"):
         push_folder_to_hub(tmp_path / "missing", "someone/never-created")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("no pipeline here")
+    with pytest.raises(ValueError, match="neither a pipeline folder"):
+        push_folder_to_hub(tmp_path / "other", "someone/never-created")
 
 
 def test_unknown_pipeline_needs_an_explicit_licence(tmp_path):
@@ -271,21 +185,27 @@ def test_unknown_pipeline_needs_an_explicit_licence(tmp_path):
 def test_pushed_repos_load_with_diffusion_pipeline_in_a_fresh_process(published, fake_hub, tmp_path):
     plain = tmp_path / "plain"
     tiny_family_pipeline("microdit").save_pretrained(plain)
+    # Folders already written with their card, pushed as they are, next to files that must stay local.
+    junky = {f: with_junk(published[f][0], tmp_path / f) for f in PIPELINE_FAMILIES if f != "microdit"}
     push_script = [sys.executable, str(REPO_ROOT / "scripts" / "push_to_hub.py")]
-    commands = [  # a plain pipeline folder through --card, and a folder already written with its card as it is
+    commands = [  # a plain pipeline folder through --card, and the folders above as they are
         [*push_script, str(plain), "--repo_id", "someone/tiny-microdit", "--card", "--cost", "USD=0",
          "--sample_prompt", "a red circle", "--num_inference_steps", "2"],
-        *([*push_script, str(published[family][0]), "--repo_id", f"someone/tiny-{family}"]
-          for family in PIPELINE_FAMILIES if family != "microdit"),
+        *([*push_script, str(folder), "--repo_id", f"someone/tiny-{family}"]
+          for family, (folder, _) in junky.items()),
     ]  # fmt: skip
     env = hub_env(fake_hub, tmp_path)
     pushes = [
         subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for command in commands
     ]
-    for push in pushes:
-        output = push.communicate(timeout=120)[0]
+    outputs = [push.communicate(timeout=120)[0] for push in pushes]
+    for push, output in zip(pushes, outputs):
         assert push.returncode == 0, output
+    for output in outputs[1:]:
+        assert f"Not uploading {len(JUNK)} file(s)" in output, output
+    for family, (_, needed) in junky.items():  # every file the pipeline needs, nothing else
+        assert set(fake_hub.repos[f"someone/tiny-{family}"]["files"]) == needed
     for family in PIPELINE_FAMILIES:
         stored = fake_hub.repos[f"someone/tiny-{family}"]["files"]
         assert {"README.md", "model_index.json", "samples/sample_0.png"} <= set(stored)
@@ -320,8 +240,6 @@ np.save(out, pipe(generator=torch.manual_seed(0), prompt="a red circle", num_inf
 def test_lora_folder_publishes_and_loads_by_repo_id(fake_hub, tmp_path):
     from peft import LoraConfig
 
-    from diffusers_microdit.hub import save_lora_with_card
-
     pipe = tiny_family_pipeline("microdit")
     pipe.save_pretrained(tmp_path / "base")
     pipe.transformer.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False))
@@ -335,12 +253,40 @@ def test_lora_folder_publishes_and_loads_by_repo_id(fake_hub, tmp_path):
     assert "Rank 2, alpha 4" in card.text and 'pipe.load_lora_weights("someone/tiny-lora")' in card.text
 
     env = hub_env(fake_hub, tmp_path)
+    folder, needed = with_junk(folder, tmp_path / "lora-with-junk")
     push = [sys.executable, str(REPO_ROOT / "scripts" / "push_to_hub.py"), str(folder), "--repo_id", "someone/tiny-lora"]
     result = subprocess.run(push, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "pytorch_lora_weights.safetensors" in fake_hub.repos["someone/tiny-lora"]["files"]
+    assert needed == {"pytorch_lora_weights.safetensors", "README.md", "samples/sample_0.png"}
+    assert set(fake_hub.repos["someone/tiny-lora"]["files"]) == needed
     out = tmp_path / "lora.npy"
     load = [sys.executable, "-c", LORA_LOAD_SCRIPT, str(tmp_path / "base"), "someone/tiny-lora", str(out)]
     result = subprocess.run(load, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-4000:]
     np.testing.assert_allclose(np.load(out), images, atol=1e-5, rtol=0)
+
+
+def test_cards_hold_no_local_paths(tmp_path):
+    from peft import LoraConfig
+
+    local = tmp_path / "runs" / "base-pipeline"
+    local.mkdir(parents=True)
+    card_inputs = dict(
+        base_model=str(local),
+        training_data=f"precomputed caches: {tmp_path}/cache/part-0, {tmp_path}/cache/part-1 (https://x.org/a/b).",
+        description=f"Finetuned from `{local}` on image / text pairs.",
+        cost={"outputs": f"{tmp_path}/runs"},
+    )
+    pipe = tiny_family_pipeline("microdit")
+    written = [save_pipeline_with_card(pipe, tmp_path / "pipeline", **card_inputs)]
+    pipe.transformer.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v"]))
+    written.append(save_lora_with_card(pipe, tmp_path / "lora", **card_inputs))
+    for folder in written:
+        text = (folder / "README.md").read_text()
+        assert str(tmp_path) not in text and "/runs" not in text
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.base_model is None  # metadata takes Hub ids only
+        for reduced in ("Base model: base-pipeline.", "caches: part-0, part-1", "`base-pipeline` on image / text"):
+            assert reduced in card.text, reduced
+        assert "https://x.org/a/b" in card.text  # URLs are no local paths
+    assert 'from_pretrained("path/to/the/base/pipeline")' in (tmp_path / "lora" / "README.md").read_text()

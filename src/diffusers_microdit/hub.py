@@ -11,18 +11,26 @@ unchanged.
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
+import re
 from pathlib import Path
 
 import diffusers
 from diffusers import DiffusionPipeline, PixArtSigmaPipeline
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 from diffusers.utils.hub_utils import populate_model_card
-from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import ModelCard, ModelCardData, constants, create_repo, get_token, upload_folder
+from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
 from PIL import Image
 
+from .integrity import local_folder_problems
 from .pipelines.pipeline_microdit import MicroDiTPipeline
+
+logger = logging.getLogger(__name__)
 
 PACKAGE = __name__.split(".")[0]
 _PROJECT_URL = "https://github.com/diffusers-microdit/diffusers-microdit"
@@ -34,10 +42,20 @@ _IMPORT_LINE = (
     "import diffusers_microdit  # first: it registers the package's classes with diffusers (without it, loading "
     'fails with "module diffusers has no attribute ...")'
 )
-# Training output folders also hold accelerate checkpoints (optimizer states, several times the model size), tracker
-# logs and (train_lora.py) the encoded training data: never uploaded.
-DEFAULT_IGNORE_PATTERNS = ("checkpoint-*", "logs/*", "cache/*")
 SAMPLES_DIR = "samples"
+# What a component folder's `save_pretrained` writes (configs, safetensors weights and their index, tokenizer
+# vocabularies, merges, sentencepiece models and chat templates); pickled `.bin`/`.pt` weights are not among them.
+_COMPONENT_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja")
+_SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+# Never uploaded, at any depth (`*` crosses `/` in upload_folder's patterns): dotfiles and dot-folders (`.env`,
+# `.huggingface/token`, ...), accelerate checkpoints (optimizer states, several times the model size), tracker logs and
+# (train_lora.py) the encoded training data.
+NEVER_UPLOADED = (".*", "*/.*", "checkpoint-*", "*/checkpoint-*", "logs/*", "*/logs/*", "cache/*", "*/cache/*")
+_LISTED_LEFT_OUT = 5  # names shown in the log of what was left out
+# Card text: a token with a path separator may be a local path (quotes, brackets, commas and semicolons end a token);
+# it is one if it starts as an absolute path does, or exists.
+_PATH_TOKEN = re.compile(r"[^\s'\"`()\[\]<>,;]*[/\\][^\s'\"`()\[\]<>,;]*")
+_ABSOLUTE_PATH = re.compile(r"(?:[/\\~]|file:|[A-Za-z]:[/\\])")
 
 # (pipeline base class, Hub licence id, statement) for the weights each family starts from.
 _FAMILY_LICENCES = (
@@ -166,7 +184,7 @@ def save_lora_with_card(
         title=repo_id.split("/")[-1] if repo_id else f"{pipeline_class} LoRA",
         description=description or f"A peft LoRA for `{pipeline_class}` from [diffusers-microdit]({_PROJECT_URL}).",
         usage=f"{_IMPORT_LINE}\nfrom diffusers_microdit import {pipeline_class}\n\n"
-        f'pipe = {pipeline_class}.from_pretrained("{base_model or "path/to/the/base/pipeline"}")\n'
+        f'pipe = {pipeline_class}.from_pretrained("{_hub_id(base_model) or "path/to/the/base/pipeline"}")\n'
         f'pipe.load_lora_weights("{repo_id or "path/to/this/folder"}")\n'
         'image = pipe("Image of an astronaut riding a horse in Origami style").images[0]',
         details=f"## LoRA\n\nRank {config.r}, alpha {config.lora_alpha}, on the transformer's {targets} layers.",
@@ -182,6 +200,20 @@ def save_lora_with_card(
     return output_dir
 
 
+def create_hub_repo(repo_id: str, *, token: str | None = None, private: bool = False) -> str:
+    """Create `repo_id` if needed and return its full id, or raise `RuntimeError` saying what to fix (offline mode,
+    no token, a refused id). Training runs call it before their first step, as the diffusers examples do, so a push
+    that cannot happen fails in seconds instead of after the whole run."""
+    if constants.HF_HUB_OFFLINE:
+        raise RuntimeError("Pushing to the Hub needs a connection, but HF_HUB_OFFLINE is set: unset it or drop the push.")
+    if token is None and get_token() is None:
+        raise RuntimeError("No Hugging Face token: log in with `hf auth login` or set HF_TOKEN, or drop the push.")
+    try:
+        return create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
+    except (HFValidationError, OSError) as error:  # HTTP and connection errors are OSErrors
+        raise RuntimeError(f"Cannot create the Hub repo {repo_id!r} ({error}); check the id and the token's rights.") from None
+
+
 def push_folder_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
@@ -189,29 +221,105 @@ def push_folder_to_hub(
     token: str | None = None,
     private: bool = False,
     commit_message: str = "Upload with diffusers-microdit",
-    ignore_patterns: list[str] | tuple[str, ...] = DEFAULT_IGNORE_PATTERNS,
 ) -> str:
-    """Create `repo_id` if needed and upload `folder` to it in one commit; return the repo id.
+    """Create `repo_id` if needed and upload what `folder` needs on the Hub in one commit; return the repo id.
 
-    `folder` is a pipeline folder written by [`save_pipeline_with_card`], a LoRA folder, or any other folder. A
-    pipeline folder that `DiffusionPipeline.from_pretrained(repo_id)` could not download is refused before anything
-    is uploaded. The endpoint and offline mode follow `HF_ENDPOINT` / `HF_HUB_OFFLINE`; `token` defaults to the
-    logged-in token.
+    `folder` is a pipeline folder written by [`save_pipeline_with_card`] (with `model_index.json`) or a LoRA folder
+    (with `pytorch_lora_weights.safetensors`). Only an allow-list is uploaded (see [`files_to_upload`]); what is left
+    out is logged. A pipeline folder that `DiffusionPipeline.from_pretrained(repo_id)` could not download is refused
+    before anything is uploaded. The endpoint and offline mode follow `HF_ENDPOINT` / `HF_HUB_OFFLINE`; `token`
+    defaults to the logged-in token.
     """
     folder = Path(folder)
     if not folder.is_dir() or not any(folder.iterdir()):
         raise FileNotFoundError(f"Nothing to upload: {folder} is not a non-empty folder.")
+    problems = local_folder_problems(folder)
+    if problems:
+        raise ValueError(f"Not uploading {folder}, it has damaged or missing files:\n  " + "\n  ".join(problems))
     if (folder / "model_index.json").is_file():
         _check_hub_loadable(folder / "model_index.json")
-    repo_url = create_repo(repo_id, token=token, private=private, exist_ok=True)
+    files = files_to_upload(folder)
+    _log_left_out(folder, files)
+    repo_id = create_hub_repo(repo_id, token=token, private=private)
     upload_folder(
-        repo_id=repo_url.repo_id,
+        repo_id=repo_id,
         folder_path=folder,
         commit_message=commit_message,
         token=token,
-        ignore_patterns=list(ignore_patterns),
+        # Escaped: the names are exact paths, not patterns.
+        allow_patterns=[glob.escape(file) for file in files],
+        ignore_patterns=list(NEVER_UPLOADED),
     )
-    return repo_url.repo_id
+    return repo_id
+
+
+def files_to_upload(folder: str | os.PathLike) -> list[str]:
+    """The files of a pipeline or LoRA folder that the Hub repo needs, as sorted paths relative to `folder`.
+
+    A pipeline folder: `model_index.json`, `README.md`, the config, weight and tokenizer files of each component
+    subfolder named in `model_index.json`, the code modules `model_index.json` names (`pipeline.py` of
+    `remote_code=True`), and the `samples/` images. A LoRA folder: `pytorch_lora_weights.safetensors`, `README.md` and
+    the `samples/` images. Never a [`NEVER_UPLOADED`] path. Raises `ValueError` for any other folder.
+    """
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        files = _pipeline_files(folder)
+    elif (folder / LORA_WEIGHT_NAME_SAFE).is_file():
+        files = [LORA_WEIGHT_NAME_SAFE]
+    else:
+        raise ValueError(
+            f"{folder} is neither a pipeline folder (model_index.json) nor a LoRA folder ({LORA_WEIGHT_NAME_SAFE}): "
+            "write it with `save_pipeline_with_card` or `save_lora_with_card`."
+        )
+    if (folder / "README.md").is_file():
+        files.append("README.md")
+    files += _direct_files(folder, SAMPLES_DIR, _SAMPLE_SUFFIXES)
+    return sorted(filter_repo_objects(set(files), ignore_patterns=list(NEVER_UPLOADED)))
+
+
+def _pipeline_files(folder: Path) -> list[str]:
+    """`model_index.json`, the files of the components it names and the code modules it names, where present."""
+    index = json.loads((folder / "model_index.json").read_text())
+    files = ["model_index.json"]
+    for name, entry in index.items():
+        if not (isinstance(entry, list) and entry[0]):
+            continue  # a config value, or a component the pipeline was saved without
+        if name != "_class_name":
+            files += _direct_files(folder, name, _COMPONENT_SUFFIXES)
+        # A library may be a module shipped in the folder (custom code): `pipeline.py` of `remote_code=True` for
+        # `_class_name`, `<component>/<library>.py` for a component.
+        module = f"{entry[0]}.py" if name == "_class_name" else f"{name}/{entry[0]}.py"
+        if (folder / module).is_file():
+            files.append(module)
+    return files
+
+
+def _direct_files(folder: Path, subfolder: str, suffixes: tuple[str, ...]) -> list[str]:
+    """`subfolder/<name>` of the files directly in `folder/subfolder` with one of `suffixes` (save_pretrained writes a
+    component flat into its subfolder, so deeper files are never needed)."""
+    directory = folder / subfolder
+    if not directory.is_dir():
+        return []
+    return [
+        f"{subfolder}/{path.name}"
+        for path in directory.iterdir()
+        if path.is_file() and path.suffix.lower() in suffixes
+    ]
+
+
+def _log_left_out(folder: Path, files: list[str]) -> None:
+    """Log how many files of `folder` will not be uploaded, naming a few, so a missing file is noticed."""
+    present = {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+    left_out = sorted(present - set(files))
+    if left_out:
+        more = f" and {len(left_out) - _LISTED_LEFT_OUT} more" if len(left_out) > _LISTED_LEFT_OUT else ""
+        logger.warning(
+            "Not uploading %d file(s) of %s that the Hub repo does not need: %s%s.",
+            len(left_out),
+            folder,
+            ", ".join(left_out[:_LISTED_LEFT_OUT]),
+            more,
+        )
 
 
 def _check_card_inputs(
@@ -285,6 +393,43 @@ def _check_hub_loadable(model_index: Path) -> None:
         )
 
 
+def _without_local_paths(text: str) -> str:
+    """`text` with each local path in it (absolute, or existing relative to the working directory) reduced to its
+    base name: a card is public, and the layout of the machine that wrote it is nobody's business (and useless to
+    readers). URLs and Hub ids are kept."""
+    return _PATH_TOKEN.sub(lambda match: _public_name(match[0]), text)
+
+
+def _public_name(token: str) -> str:
+    """The base name of `token` if it is a local path (a trailing `.` or `:` is punctuation), else `token`."""
+    path = token.rstrip(".:")
+    # A lone `/` is prose ("image / text pairs"), not a path.
+    if not path.strip("/\\") or not (_ABSOLUTE_PATH.match(path) or _exists(path)):
+        return token
+    name = re.split(r"[/\\]", path.rstrip("/\\"))[-1]
+    # `~/`, `C:\` or `file:///` have no base name worth showing.
+    return (name if name and not name.endswith(("~", ":")) else "a local folder") + token[len(path) :]
+
+
+def _exists(path: str) -> bool:
+    """Whether `path` names an existing file or folder (an over-long or malformed name does not)."""
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _hub_id(base_model: str | None) -> str | None:
+    """`base_model` if it can be a Hub repo id and is no local path, else None: card metadata takes Hub ids only."""
+    if base_model is None or _exists(base_model):
+        return None
+    try:
+        validate_repo_id(base_model)
+    except HFValidationError:
+        return None
+    return base_model
+
+
 def _save_samples(images: list[Image.Image], output_dir: Path) -> list[str]:
     """Save the images as PNGs under `output_dir/samples/`; return their paths relative to `output_dir`."""
     files = [f"{SAMPLES_DIR}/sample_{i}.png" for i in range(len(images))]
@@ -312,11 +457,17 @@ def _write_card(
     tags: list[str] | None,
 ) -> None:
     """Save the samples and write `README.md`: metadata, then title, description, usage, `details`, licence,
-    training data, cost table and samples."""
+    training data, cost table and samples. Local paths in the caller's free text are reduced to base names."""
     sample_files = _save_samples(sample_images, output_dir)
+    hub_base_model = _hub_id(base_model)
+    if hub_base_model:
+        base_model_line = f"Base model: [{base_model}](https://huggingface.co/{base_model})."
+    else:
+        base_model_line = f"Base model: {_without_local_paths(base_model)}." if base_model else ""
+    sample_prompts = [_without_local_paths(prompt) for prompt in sample_prompts] if sample_prompts else None
     sections = [
-        f"# {title}",
-        description,
+        f"# {_without_local_paths(title)}",
+        _without_local_paths(description),
         f"## Usage\n\n```python\n{usage}\n```\n\nThe package is not on PyPI; install it with `{INSTALL_COMMAND}`.",
         details,
         "## Licence\n\n"
@@ -325,15 +476,18 @@ def _write_card(
             for part in (
                 f"These weights: `{license}`.",
                 licence_statement,
-                f"Base model: [{base_model}](https://huggingface.co/{base_model})." if base_model else "",
+                base_model_line,
                 "The text encoder and VAE keep the licences of the checkpoints they come from; see their model cards.",
             )
             if part
         ),
-        f"## Training data\n\n{training_data or 'Not stated.'}",
+        f"## Training data\n\n{_without_local_paths(training_data or 'Not stated.')}",
     ]
     if cost:
-        rows = "\n".join(f"| {item} | {value} |" for item, value in cost.items())
+        rows = "\n".join(
+            f"| {_without_local_paths(str(item))} | {_without_local_paths(str(value))} |"
+            for item, value in cost.items()
+        )
         sections.append(f"## Training cost\n\n| item | value |\n| --- | --- |\n{rows}")
     if sample_files:
         captions = sample_prompts or [f"sample {i}" for i in range(len(sample_files))]
@@ -342,10 +496,11 @@ def _write_card(
     widget = [{"text": prompt, "output": {"url": file}} for prompt, file in zip(sample_prompts or [], sample_files)]
     # inference: false - the Hub's hosted inference cannot run classes from outside diffusers.
     card_data = ModelCardData(
-        license=license, base_model=base_model, pipeline_tag="text-to-image", widget=widget or None, inference=False
+        license=license, base_model=hub_base_model, pipeline_tag="text-to-image", widget=widget or None, inference=False
     )
     # diffusers' `load_or_create_model_card` needs a Hub repo id (a local folder without README raises) and its
     # training template is a TODO skeleton, so the card is built here; `populate_model_card` adds diffusers' metadata.
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
-    card = populate_model_card(card, tags=["text-to-image", "diffusers", PACKAGE.replace("_", "-"), *(tags or [])])
+    tags = ["text-to-image", "diffusers", PACKAGE.replace("_", "-"), *map(_without_local_paths, tags or [])]
+    card = populate_model_card(card, tags=tags)
     card.save(output_dir / "README.md")

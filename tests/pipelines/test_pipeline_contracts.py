@@ -66,7 +66,8 @@ def test_lora_scale_equals_fusing_at_that_scale(family):
     scaled = generate(pipe, family, attention_kwargs={"scale": 0.5})
     np.testing.assert_array_equal(generate(pipe, family), generate(pipe, family))  # scale restored, deterministic
     pipe.fuse_lora(lora_scale=0.5)
-    np.testing.assert_allclose(generate(pipe, family), scaled, atol=1e-5, rtol=0)
+    # Fused weights sum W + s·BA before the matmul: float32 rounding that differs by CPU (1.04e-5 seen on one).
+    np.testing.assert_allclose(generate(pipe, family), scaled, atol=5e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- callbacks
@@ -147,12 +148,13 @@ def test_microdit_custom_sigmas_and_timesteps_reproduce_the_default_schedule():
     default = generate(pipe, "microdit", num_inference_steps=3)
     # diffusers' EDM convention: `sigmas` are positions along the schedule, 0 = sigma_max, 1 = sigma_min.
     from_sigmas = generate(pipe, "microdit", num_inference_steps=None, sigmas=np.linspace(0, 1, 3))
-    np.testing.assert_allclose(from_sigmas, default, atol=1e-6, rtol=0)
+    # The noise levels are recomputed from ramp positions / log-sigmas: last-bit differences (1.01e-6 seen on one CPU).
+    np.testing.assert_allclose(from_sigmas, default, atol=1e-5, rtol=0)
 
     pipe.scheduler.set_timesteps(3)
     solver_levels = pipe.scheduler.timesteps[::2]  # each level once: evaluations at 0, (1, 1), (2, 2)
     from_timesteps = generate(pipe, "microdit", num_inference_steps=None, timesteps=solver_levels.tolist())
-    np.testing.assert_allclose(from_timesteps, default, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(from_timesteps, default, atol=1e-5, rtol=0)
 
     with pytest.raises(ValueError, match="either `timesteps` or `sigmas`"):
         generate(pipe, "microdit", timesteps=solver_levels.tolist(), sigmas=[0.0, 1.0])

@@ -60,7 +60,8 @@ def test_lora_training_changes_outputs_and_reloads(family, bases, tmp_path):
     out = tmp_path / "lora"
     result = run_script("train_lora.py", *lora_args(bases[family], out, "--max_train_steps", 3))
     assert "LoRA rank 4" in result.stdout
-    assert json.loads((out / "cache" / "precompute.json").read_text())["rows"] == 6
+    (cache,) = (out / "cache").iterdir()  # one cache, named by the source and its encoding
+    assert json.loads((cache / "precompute.json").read_text())["rows"] == 6
     weights = load_file(out / LORA_FILE)
     assert weights and all(key.startswith("transformer.") and "lora" in key for key in weights)
     card = (out / "README.md").read_text()
@@ -193,7 +194,7 @@ def test_checkpoint_adapter_round_trip_and_mismatch(tmp_path):
     [
         (("--rank", 0), "--rank must be >= 1"),
         (("--use_ema",), "--use_ema does not apply to LoRA"),
-        (("--precomputed_dataset", "."), "not both"),
+        (("--precomputed_dataset", "."), "Give one of --dataset_name, --train_data_dir and --precomputed_dataset"),
         (("--caption_dropout", 1.5), "--caption_dropout must be in [0, 1)"),
     ],
 )

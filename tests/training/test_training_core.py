@@ -1,17 +1,19 @@
 """The shared training core's small pieces: masking owned by the MicroDiT objective, the one seeding helper, the cache
-shard names, and the cost meter before any step was counted."""
+shard names, mixing several caches, and the cost meter before any step was counted."""
 
 from __future__ import annotations
 
 import types
+from collections import Counter
 
+import datasets
 import numpy as np
 import pytest
 import torch
 from diffusers import EDMEulerScheduler
 
 from diffusers_microdit.training.cost import CostMeter, flop_counter
-from diffusers_microdit.training.data import SHARD_GLOB, shard_index, shard_name
+from diffusers_microdit.training.data import SHARD_GLOB, mix_sources, shard_index, shard_name
 from diffusers_microdit.training.losses import microdit_objective
 from diffusers_microdit.training.randomness import BatchRandomness, seeded_generator
 
@@ -100,3 +102,16 @@ def test_counting_flops_leaves_the_step_bit_identical(activation):
         counted = gradient()
     assert torch.equal(plain, counted)
     assert counter.get_total_flops() == 3 * 2 * 16 * 32 * 32  # the forward matmul and its two backward ones
+
+
+def source_rows(name: str, rows: int) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"source": [name] * rows})
+
+
+def test_several_caches_are_their_union_by_default_and_drawn_by_probability_when_asked():
+    union = mix_sources([source_rows("big", 100), source_rows("small", 10)], None, seed=0)
+    assert Counter(union["source"]) == {"big": 100, "small": 10}  # each row once per epoch
+
+    drawn = mix_sources([source_rows("a", 7000), source_rows("b", 1000)], [0.7, 0.3], seed=0)["source"][:10_000]
+    shares = {name: count / len(drawn) for name, count in Counter(drawn).items()}
+    assert len(drawn) == 10_000 and abs(shares["a"] - 0.7) <= 0.02 and abs(shares["b"] - 0.3) <= 0.02

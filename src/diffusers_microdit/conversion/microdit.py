@@ -41,14 +41,15 @@ _BLOCK_RENAMES = {
     "attn.proj": "attn1.to_out.0",
     "cross_attn.q_linear": "attn2.to_q",
     "cross_attn.proj": "attn2.to_out.0",
-    "mlp.w1.weight": "ff.gate_proj.weight",  # dense SwiGLU
-    "mlp.w2.weight": "ff.up_proj.weight",
-    "mlp.w3.weight": "ff.down_proj.weight",
-    "mlp.w1": "ff.w_in",  # MoE expert parameters (no `.weight`)
-    "mlp.w2": "ff.w_out",
+    "mlp.w1": "ff.gate_proj",  # dense SwiGLU linears: `.weight`, and `.bias` with use_bias
+    "mlp.w2": "ff.up_proj",
+    "mlp.w3": "ff.down_proj",
     "mlp.gate": "ff.router",
     "adaLN_modulation.1": "modulation",
 }
+# Whole-key renames, tried before `_BLOCK_RENAMES`: the MoE expert weights are bare parameters named like the
+# dense SwiGLU modules (`mlp.w1`, no `.weight`), so only the exact key tells them apart.
+_BLOCK_PARAMETERS = {"mlp.w1": "ff.w_in", "mlp.w2": "ff.w_out"}
 # Packed projections split row-wise into (q, k, v) or (k, v).
 _BLOCK_PACKED = {"attn.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"), "cross_attn.kv_linear": ("attn2.to_k", "attn2.to_v")}
 _REFINER_RENAMES = {
@@ -78,13 +79,19 @@ _TOP_RENAMES = {
     "final_layer.norm_final": "norm_out",
     "final_layer.adaLN_modulation.1": "norm_out_modulation",
 }
-# (original prefix pattern, diffusers prefix, renames, packed projections), first match wins.
+# (original prefix pattern, diffusers prefix, whole-key renames, renames, packed projections), first match wins.
 _GROUPS = (
-    (r"patch_mixer\.(\d+)\.", "patch_mixer_blocks.{}.", _BLOCK_RENAMES, _BLOCK_PACKED),
-    (r"blocks\.(\d+)\.", "transformer_blocks.{}.", _BLOCK_RENAMES, _BLOCK_PACKED),
-    (r"y_emb_preprocess\.", "caption_refiner.", _REFINER_RENAMES, _REFINER_PACKED),
-    (r"", "", _TOP_RENAMES, {}),
+    (r"patch_mixer\.(\d+)\.", "patch_mixer_blocks.{}.", _BLOCK_PARAMETERS, _BLOCK_RENAMES, _BLOCK_PACKED),
+    (r"blocks\.(\d+)\.", "transformer_blocks.{}.", _BLOCK_PARAMETERS, _BLOCK_RENAMES, _BLOCK_PACKED),
+    (r"y_emb_preprocess\.", "caption_refiner.", {}, _REFINER_RENAMES, _REFINER_PACKED),
+    (r"", "", {}, _TOP_RENAMES, {}),
 )
+# `pos_interp_scale`s tried when reading it off a stored table: multiples of 1/8 up to 16. They include the original's
+# 1.0 (256 px) and 2.0 (512 px) and grid ratios of other resolutions (e.g. 1.5 for a 384-px grid over 256 px).
+_POS_INTERP_SCALE_CANDIDATES = tuple(k / 8 for k in range(1, 129))
+# A stored table may differ from the recomputed one by this many ulps of its precision: rounding to the storage
+# dtype costs at most half an ulp, the rest is margin for float32-vs-float64 recomputation.
+_POS_EMBED_ULPS = 2
 # Keys that are not part of the DiT in Composer / full LatentDiffusion checkpoints.
 _FOREIGN_PREFIXES = ("vae.", "text_encoder.")
 
@@ -129,8 +136,8 @@ def infer_original_config(state_dict: dict, original_config: dict | None = None)
     if "pos_embed" in state_dict:
         inferred["input_size"] = math.isqrt(state_dict["pos_embed"].shape[1]) * inferred["patch_size"]
     expert_weights = [v for k, v in state_dict.items() if k.endswith("mlp.w1") and v.ndim == 3]
-    if expert_weights:
-        inferred["num_experts"] = expert_weights[0].shape[0]
+    # No expert weights at all (e.g. experts_every_n beyond the depth): every block is a dense SwiGLU.
+    inferred["num_experts"] = expert_weights[0].shape[0] if expert_weights else 0
     inferred.update(original_config)
 
     preset = "MicroDiT_Tiny_2" if inferred["dim"] == MICRODIT_PRESETS["MicroDiT_Tiny_2"]["hidden_size"] else "MicroDiT_XL_2"
@@ -144,25 +151,66 @@ def infer_original_config(state_dict: dict, original_config: dict | None = None)
     return config
 
 
+def _value_precision(tensor: torch.Tensor) -> torch.dtype:
+    """The precision the stored values carry: their dtype, or bf16/fp16 when a wider tensor holds only values of that
+    format (a buffer cast down for mixed-precision training and saved back up)."""
+    for narrow in (torch.bfloat16, torch.float16):
+        wider = torch.finfo(tensor.dtype).bits > torch.finfo(narrow).bits
+        if wider and torch.equal(tensor, tensor.to(narrow).to(tensor.dtype)):
+            return narrow
+    return tensor.dtype
+
+
+def _pos_embed_tolerance(pos_embed: torch.Tensor) -> float:
+    """Largest accepted difference between a stored and a recomputed position table: `_POS_EMBED_ULPS` ulps of the
+    stored precision at magnitude 1 (sin/cos values lie in [-1, 1], where one ulp is at most `eps`). Never finer
+    than float32's, the precision of the recomputed table."""
+    eps = max(torch.finfo(_value_precision(pos_embed)).eps, torch.finfo(torch.float32).eps)
+    return _POS_EMBED_ULPS * eps
+
+
+def _pos_embed_error(tokens: torch.Tensor, height: int, width: int, scale: float) -> float:
+    """Max abs difference between stored position tokens (height * width, dim) and sin-cos positions for that grid."""
+    expected = microdit_2d_sincos_pos_embed(tokens.shape[-1], height, width, scale)
+    return (tokens.float() - expected).abs().max().item()
+
+
 def _infer_pos_interp_scale(pos_embed: torch.Tensor) -> float:
-    """The stored positions encode `pos_interp_scale`: channel 0 of token 1 is `sin(1 / scale)`."""
-    if pos_embed.is_meta or pos_embed.shape[1] < 2:
-        return 1.0
-    scale = 1.0 / math.asin(float(pos_embed[0, 1, 0]))
-    return round(scale, 4)
+    """Read `pos_interp_scale` off the stored positions: the candidate scale whose first token row (which holds every
+    column position) best matches, accepted if within the storage precision's tolerance."""
+    grid = math.isqrt(pos_embed.shape[-2])
+    if pos_embed.is_meta or grid < 2:
+        return 1.0  # nothing to read: a lone token sits at position 0 for every scale
+    first_row = pos_embed.reshape(-1, pos_embed.shape[-1])[:grid]
+    errors = {scale: _pos_embed_error(first_row, 1, grid, scale) for scale in _POS_INTERP_SCALE_CANDIDATES}
+    scale = min(errors, key=errors.get)
+    tolerance = _pos_embed_tolerance(pos_embed)
+    if errors[scale] > tolerance:
+        raise ValueError(
+            f"Cannot read pos_interp_scale off the checkpoint's pos_embed: no multiple of 1/8 up to 16 reproduces it "
+            f"within {tolerance:.3g} (closest: {scale}, off by {errors[scale]:.3g}). Pass the scale the checkpoint "
+            "was trained with as original_config['pos_interp_scale'] (1.0 for 256 px, 2.0 for the 512-px models)."
+        )
+    return scale
 
 
 def _check_pos_embed(pos_embed: torch.Tensor, config: dict) -> None:
-    """The model recomputes positions; refuse a checkpoint whose stored ones would differ."""
+    """The model recomputes positions; refuse a checkpoint whose stored ones would differ beyond storage rounding."""
     if pos_embed.is_meta:
         return
-    grid = config["sample_size"] // config["patch_size"]
-    expected = microdit_2d_sincos_pos_embed(config["hidden_size"], grid, grid, config["pos_interp_scale"])
-    diff = (pos_embed.reshape(expected.shape).float() - expected).abs().max().item()
-    if diff > 1e-3:
+    grid, scale = config["sample_size"] // config["patch_size"], config["pos_interp_scale"]
+    tokens = pos_embed.reshape(-1, pos_embed.shape[-1])
+    if tokens.shape[0] != grid * grid:
         raise ValueError(
-            f"The checkpoint's pos_embed differs from sin-cos positions with pos_interp_scale="
-            f"{config['pos_interp_scale']} by {diff:.3g}; pass the right 'pos_interp_scale' in original_config."
+            f"The checkpoint's pos_embed has {tokens.shape[0]} tokens, but input_size={config['sample_size']} means a "
+            f"{grid}x{grid} grid; pass the input_size it was trained with, or leave it out to read it off the table."
+        )
+    error, tolerance = _pos_embed_error(tokens, grid, grid, scale), _pos_embed_tolerance(pos_embed)
+    if error > tolerance:
+        raise ValueError(
+            f"The checkpoint's pos_embed differs from sin-cos positions with pos_interp_scale={scale} by {error:.3g} "
+            f"(tolerance {tolerance:.3g} for {_value_precision(pos_embed)} values); pass the scale the checkpoint was "
+            "trained with as original_config['pos_interp_scale'], or leave it out to read it off the table."
         )
 
 
@@ -173,7 +221,7 @@ def convert_microdit_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
     for key, value in state_dict.items():
         if key == "pos_embed":
             continue
-        for pattern, new_prefix, renames, packed in _GROUPS:
+        for pattern, new_prefix, parameters, renames, packed in _GROUPS:
             match = re.match(pattern, key)
             if match:
                 break
@@ -183,7 +231,7 @@ def convert_microdit_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
             for new_module, chunk in zip(packed[module], value.chunk(len(packed[module]), dim=0)):
                 converted[f"{prefix}{new_module}.{param}"] = chunk.clone()
         else:
-            converted[prefix + _rename(rest, renames)] = value
+            converted[prefix + parameters.get(rest, _rename(rest, renames))] = value
     return converted
 
 

@@ -17,6 +17,7 @@ from transformers import CLIPTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..loaders.lora import TransformerLoraLoaderMixin
 from ..models.transformer_microdit import MicroDiTTransformer2DModel
+from .input_checks import check_finite_latents, check_sampling_inputs
 from .openclip_tokenizer import configure_openclip_tokenizer
 
 EXAMPLE_DOC_STRING = """
@@ -160,6 +161,7 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
         callback_on_step_end_tensor_inputs=None,
         timesteps=None,
         sigmas=None,
+        generator=None,
     ):
         multiple = self.vae_scale_factor * self.transformer.config.patch_size
         for name, size in (("height", height), ("width", width)):
@@ -170,30 +172,31 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
                 )
         if timesteps is not None and sigmas is not None:
             raise ValueError("Pass either `timesteps` or `sigmas` (a custom schedule), not both.")
-        custom_schedule = timesteps if timesteps is not None else sigmas
-        if custom_schedule is not None and len(custom_schedule) < 1:
-            raise ValueError("A custom `timesteps` / `sigmas` schedule needs at least one value.")
-        if custom_schedule is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+        custom_schedule = timesteps is not None or sigmas is not None
+        if not custom_schedule and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        if not isinstance(guidance_scale, (int, float)):
-            raise ValueError(f"`guidance_scale` must be a number, got {type(guidance_scale).__name__}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}.")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"`output_type` must be one of 'pil', 'np', 'pt', 'latent', got {output_type!r}.")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
         if prompt is None and prompt_embeds is None:
             raise ValueError("Pass a `prompt` (string or list of strings) or precomputed `prompt_embeds`.")
-        if prompt is not None and not (
-            isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
-        ):
-            raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {type(prompt).__name__}.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        batch_size = check_sampling_inputs(
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            latents,
+            num_images_per_prompt,
+            guidance_scale,
+            generator,
+            output_type,
+            timesteps,
+            sigmas,
+        )
         for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
-            if embeds is not None and (not isinstance(embeds, torch.Tensor) or embeds.ndim != 3):
-                raise ValueError(f"`{name}` must be a (batch, tokens, channels) tensor.")
+            if embeds is not None and embeds.ndim != 3:
+                raise ValueError(f"`{name}` must be a (batch, tokens, channels) tensor, got {tuple(embeds.shape)}.")
         if prompt_embeds is not None and prompt_embeds.shape[-1] != self.transformer.config.caption_channels:
             raise ValueError(
                 f"`prompt_embeds` have {prompt_embeds.shape[-1]} channels, the transformer expects "
@@ -207,13 +210,6 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
                 f"{tuple(negative_prompt_embeds.shape)} and "
                 f"{None if prompt_embeds is None else tuple(prompt_embeds.shape)}."
             )
-        batch_size = len(prompt) if isinstance(prompt, list) else 1 if prompt is not None else prompt_embeds.shape[0]
-        if isinstance(negative_prompt, list) and len(negative_prompt) != batch_size:
-            raise ValueError(
-                f"`negative_prompt` has {len(negative_prompt)} entries but the batch has {batch_size} prompts."
-            )
-        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
-            raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt).__name__}.")
         if latents is not None:
             expected = (
                 batch_size * num_images_per_prompt,
@@ -234,12 +230,8 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
 
     def prepare_latents(self, batch_size, num_channels, height, width, dtype, device, generator, latents=None):
         """Unit-variance noise (drawn or given) scaled to the scheduler's starting noise level."""
-        shape = (batch_size, num_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"Got {len(generator)} generators for an effective batch of {batch_size} images; pass one per image."
-            )
         if latents is None:
+            shape = (batch_size, num_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
@@ -322,6 +314,7 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
             callback_on_step_end_tensor_inputs,
             timesteps,
             sigmas,
+            generator,
         )
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
@@ -386,6 +379,7 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
                 if (i + 1) % order == 0 or i == len(timesteps) - 1:
                     progress_bar.update()
 
+        check_finite_latents(latents)
         if output_type == "latent":
             image = latents
         else:

@@ -26,6 +26,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import (
 )
 
 from ..loaders.lora import TransformerLoraLoaderMixin
+from .input_checks import check_finite_latents, check_sampling_inputs
 
 # Transformer `sample_size` (latent side) -> the aspect-ratio bins of that resolution, as diffusers' PixArt-Σ uses.
 ASPECT_RATIO_BINS = {
@@ -76,9 +77,23 @@ class PixArtSigmaFamilyPipeline(PixArtSigmaPipeline, TransformerLoraLoaderMixin)
         timesteps=None,
         sigmas=None,
         callback_on_step_end_tensor_inputs=None,
+        guidance_scale=4.5,
+        num_images_per_prompt=1,
+        generator=None,
+        latents=None,
+        output_type="pil",
+        max_sequence_length=300,
+        use_resolution_binning=False,
     ):
-        """The parent's prompt and embedding checks, plus: the size gives whole patches, given embeddings have the
-        transformer's caption width, the schedule is well-formed and the callback asks for known tensors."""
+        """The parent's prompt and embedding checks, plus the package's shared ones (`check_sampling_inputs`) and:
+        the size gives whole patches, given embeddings have the transformer's caption width and matching masks,
+        given latents fit, the schedule is well-formed and the callback asks for known tensors. `height` and `width`
+        are the requested size; returns the prompt batch size."""
+        for name, size in (("height", height), ("width", width)):
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                raise ValueError(f"`{name}` must be a positive integer number of pixels, got {size!r}.")
+        # Binning picks the size the transformer samples at; that is the one that must fit the patches.
+        height, width = self.binned_size(height, width) if use_resolution_binning else (height, width)
         # The legacy `callback` is not offered here; 1 satisfies the parent's check of its `callback_steps`.
         super().check_inputs(
             prompt,
@@ -98,13 +113,53 @@ class PixArtSigmaFamilyPipeline(PixArtSigmaPipeline, TransformerLoraLoaderMixin)
                 f"patch size {self.transformer.config.patch_size}), got {height}x{width}. Round them to multiples "
                 f"of {multiple}, or keep use_resolution_binning=True (it picks a valid size and resizes the result)."
             )
+        batch_size = check_sampling_inputs(
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            latents,
+            num_images_per_prompt,
+            guidance_scale,
+            generator,
+            output_type,
+            timesteps,
+            sigmas,
+        )
+        # Without either, the parent would tokenise None for the unconditional branch.
+        if guidance_scale > 1 and negative_prompt is None and negative_prompt_embeds is None:
+            raise ValueError(
+                f"Guidance (guidance_scale={guidance_scale}) needs an unconditional caption: pass a `negative_prompt` "
+                "(the default is the empty string) or `negative_prompt_embeds`, or set guidance_scale=1."
+            )
         caption_channels = self.transformer.config.caption_channels
-        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+        for name, embeds, mask in (
+            ("prompt_embeds", prompt_embeds, prompt_attention_mask),
+            ("negative_prompt_embeds", negative_prompt_embeds, negative_prompt_attention_mask),
+        ):
             if embeds is not None and caption_channels is not None and embeds.shape[-1] != caption_channels:
                 raise ValueError(
                     f"`{name}` has {embeds.shape[-1]} features per token but the transformer expects "
                     f"caption_channels={caption_channels}; encode the prompt with the matching T5 encoder."
                 )
+            if embeds is not None and (not isinstance(mask, torch.Tensor) or mask.shape != embeds.shape[:2]):
+                raise ValueError(
+                    f"The attention mask of `{name}` must be a (batch, tokens) tensor of shape "
+                    f"{tuple(embeds.shape[:2])}, got {getattr(mask, 'shape', mask)!r}."
+                )
+        if latents is not None:
+            expected = (
+                batch_size * num_images_per_prompt,
+                self.transformer.config.in_channels,
+                height // self.vae_scale_factor,
+                width // self.vae_scale_factor,
+            )
+            if tuple(latents.shape) != expected:
+                raise ValueError(
+                    f"`latents` must have shape {expected} for a {height}x{width} image, got {tuple(latents.shape)}."
+                )
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
+            raise ValueError(f"`max_sequence_length` must be an integer >= 1 (T5 tokens), got {max_sequence_length!r}.")
         if timesteps is not None and sigmas is not None:
             raise ValueError("Pass either `timesteps` or `sigmas` (a custom schedule), not both.")
         if timesteps is None and sigmas is None and (
@@ -117,6 +172,7 @@ class PixArtSigmaFamilyPipeline(PixArtSigmaPipeline, TransformerLoraLoaderMixin)
                 f"`callback_on_step_end_tensor_inputs` {unknown} are not available; choose from "
                 f"{self._callback_tensor_inputs}."
             )
+        return batch_size
 
     def binned_size(self, height: int, width: int) -> tuple[int, int]:
         """The trained aspect-ratio bin nearest to `height` x `width` for this transformer's resolution."""
@@ -174,9 +230,7 @@ class PixArtSigmaFamilyPipeline(PixArtSigmaPipeline, TransformerLoraLoaderMixin)
         height = height or self.transformer.config.sample_size * self.vae_scale_factor
         width = width or self.transformer.config.sample_size * self.vae_scale_factor
         requested_size = (height, width)
-        if use_resolution_binning:
-            height, width = self.binned_size(height, width)
-        self.check_inputs(
+        batch_size = self.check_inputs(
             prompt,
             height,
             width,
@@ -189,12 +243,20 @@ class PixArtSigmaFamilyPipeline(PixArtSigmaPipeline, TransformerLoraLoaderMixin)
             timesteps,
             sigmas,
             callback_on_step_end_tensor_inputs,
+            guidance_scale,
+            num_images_per_prompt,
+            generator,
+            latents,
+            output_type,
+            max_sequence_length,
+            use_resolution_binning,
         )
+        if use_resolution_binning:
+            height, width = self.binned_size(height, width)
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
         self._interrupt = False
         device = self._execution_device
-        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
 
         # 1. Text: T5 states and masks (the negative ones only when guiding).
         prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
@@ -273,6 +335,7 @@ class PixArtSigmaFamilyPipeline(PixArtSigmaPipeline, TransformerLoraLoaderMixin)
                     progress_bar.update()
 
         # 4. Decode (and undo the binning resize).
+        check_finite_latents(latents)
         if output_type == "latent":
             image = latents
         else:

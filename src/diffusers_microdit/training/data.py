@@ -1,8 +1,10 @@
 """Training data from the precomputed cache: its format (columns, shard names), reading one or more caches back,
-mixing several sources by probability with `interleave_datasets` (the paper trains on real and synthetic data
-together), and batching.
+mixing several sources (their union, or by probability with `interleave_datasets`; the paper trains on real and
+synthetic data together), and batching.
 
-Training never runs the VAE or the text encoder: `precompute.py` writes the cache once. Latents are either of square
+Training never runs the VAE or the text encoder: `precompute.py` writes the cache once, with a record of the encoders
+(`encoder.json`) and of each shard's rows (`shard-N.parquet.json`); training checks both before its first step (a cache
+of another VAE or text encoder, a missing or damaged shard are refused, naming what differs). Latents are either of square
 `resolutions`, or (PixArt-Σ's multi-aspect training) of the closest of diffusers' PixArt aspect-ratio buckets of a
 base size; bucketed latents of different shapes are stored flattened with their shape, and
 `AspectRatioBucketBatchSampler` batches rows of one bucket together.
@@ -17,12 +19,16 @@ from pathlib import Path
 from typing import Sequence
 
 import datasets
+import pyarrow
+import pyarrow.parquet
 import torch
 from accelerate.data_loader import SeedableRandomSampler
 
-# Re-exported: scripts and tests import these from here (they live with the raw-data code in sources.py).
-
 CACHE_INFO = "precompute.json"
+ENCODER_SETTINGS = "encoder.json"  # what the cache was encoded with; resuming and training must match it
+# Config entries that do not change what an encoder computes: dtypes (a cache encoded in bf16 trains an fp32 run),
+# names and versions, and what `save_pretrained` adds on the way to disk.
+_IRRELEVANT_CONFIG_KEYS = {"architectures", "torch_dtype", "dtype", "transformers_version", "use_cache"}
 # Shard k of a cache is `shard-0000k.parquet`; these three are the only places that spell the name.
 SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".parquet"
 SHARD_GLOB = f"{SHARD_PREFIX}*{SHARD_SUFFIX}"
@@ -53,6 +59,97 @@ def bucket_shape_column(base_size: int) -> str:
     return f"{bucket_latents_column(base_size)}_shape"
 
 
+def encoder_settings(pipeline, resolutions: Sequence[int], aspect_ratio_buckets: Sequence[int]) -> dict:
+    """What decides a cache's contents: the VAE and text encoder (class and configuration, without paths, versions or
+    dtypes), the tokenizer's length and the encoded sizes. JSON-normalised, so it compares with a stored copy."""
+
+    def described(component) -> dict:
+        config = component.config if isinstance(component.config, dict) else component.config.to_dict()
+        kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in _IRRELEVANT_CONFIG_KEYS}
+        return {"class": type(component).__name__, **kept}
+
+    settings = {
+        "vae": described(pipeline.vae),
+        "text_encoder": described(pipeline.text_encoder),
+        "tokenizer_max_length": pipeline.tokenizer.model_max_length,
+        "resolutions": list(resolutions),
+        "aspect_ratio_buckets": list(aspect_ratio_buckets),
+    }
+    return json.loads(json.dumps(settings, default=str))
+
+
+def settings_differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    """Each entry that differs between two `encoder_settings`, as "vae.latent_channels: 4 in the cache, 8 here"."""
+    differences = []
+    for key in sorted(stored.keys() | current.keys()):
+        old, new = stored.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += settings_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            differences.append(f"{prefix}{key}: {old} in the cache, {new} here")
+    return differences
+
+
+def check_cache_matches(cache_dir: str | os.PathLike, pipeline) -> None:
+    """Refuse a cache whose VAE, text encoder or tokenizer length (its `encoder.json`) differ from `pipeline`'s,
+    naming each difference: its latents or caption embeddings are not what this pipeline would feed the model."""
+    path = Path(cache_dir) / ENCODER_SETTINGS
+    if not path.is_file():
+        raise SystemExit(
+            f"{cache_dir} has no {ENCODER_SETTINGS}, so what encoded it is unknown: encode the data with "
+            "examples/precompute_embeddings.py from the pipeline you train."
+        )
+    stored, current = json.loads(path.read_text()), encoder_settings(pipeline, [], [])
+    differences = [d for key in ("vae", "text_encoder", "tokenizer_max_length") for d in settings_differences(
+        {key: stored.get(key)}, {key: current[key]}
+    )]
+    if differences:
+        raise SystemExit(
+            f"{cache_dir} was encoded with another VAE or text encoder than the pipeline being trained:\n  "
+            + "\n  ".join(differences[:10]) + ("\n  ..." if len(differences) > 10 else "")
+            + "\nRe-encode it with precompute_embeddings.py from this pipeline (and the same --vae), into a new folder."
+        )
+
+
+def check_row_fits(row: dict, transformer) -> None:
+    """Refuse training rows whose latent channels or caption width are not what `transformer` takes."""
+    channels = int(row["latents_shape"][0]) if "latents_shape" in row else row["latents"].shape[0]
+    width = row["prompt_embeds"].shape[-1]
+    config = transformer.config
+    if channels != config.in_channels:
+        raise SystemExit(
+            f"The cached latents have {channels} channels, the transformer takes {config.in_channels}: precompute "
+            "the cache with the VAE you train with (precompute_embeddings.py --vae)."
+        )
+    if width != config.caption_channels:
+        raise SystemExit(
+            f"The cached caption embeddings have width {width}, the transformer takes {config.caption_channels}: "
+            "precompute the cache with this pipeline's text encoder."
+        )
+
+
+def shard_problem(path: Path, expected_rows: int) -> str | None:
+    """Why a finished shard cannot be trained on (missing, unreadable, other row count than written), or None."""
+    if not path.is_file():
+        return "missing"
+    try:
+        rows = pyarrow.parquet.read_metadata(path).num_rows
+    except (OSError, pyarrow.ArrowException) as error:
+        return f"not a readable parquet file ({error})"
+    return None if rows == expected_rows else f"{rows} rows, {expected_rows} when written"
+
+
+def shard_records(cache_dir: Path) -> dict[int, dict]:
+    """{shard index: statistics} of the shards precompute finished (their readable `shard-N.parquet.json`)."""
+    records = {}
+    for path in cache_dir.glob(SHARD_GLOB + ".json"):
+        try:
+            records[shard_index(path.name)] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # an unfinished record: the shard counts as not written
+    return records
+
+
 def cached_resolutions(cache_dir: str | os.PathLike) -> list[int]:
     """Image sizes a cache folder holds latents for (from its precompute.json)."""
     info = Path(cache_dir) / CACHE_INFO
@@ -73,8 +170,7 @@ def load_precomputed(
     seed: int = 0,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Training rows `{"latents", "prompt_embeds"[, "prompt_attention_mask"]}` as torch tensors from one or more
-    caches written by `precompute_embeddings`; several caches are mixed by `probabilities` (sampling until every
-    source has been seen, like the paper's union of real and synthetic data)."""
+    caches written by `precompute_embeddings`; several caches are mixed by `mix_sources`."""
     sources = []
     for cache_dir in cache_dirs:
         dataset = _load_cache(cache_dir, streaming)
@@ -86,7 +182,7 @@ def load_precomputed(
                 f"--resolutions {resolution} or pick one of those."
             )
         sources.append(_select_training_columns(dataset, {column: "latents"}))
-    return _mix(sources, probabilities, seed)
+    return mix_sources(sources, probabilities, seed)
 
 
 def load_precomputed_buckets(
@@ -107,16 +203,31 @@ def load_precomputed_buckets(
             )
         renames = {column: "latents", bucket_shape_column(base_size): "latents_shape"}
         sources.append(_select_training_columns(dataset, renames))
-    return _mix(sources, probabilities, seed)
+    return mix_sources(sources, probabilities, seed)
 
 
 def _load_cache(cache_dir: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
-    files = sorted(str(p) for p in Path(cache_dir).glob(SHARD_GLOB))
+    """The cache's shards as one dataset, after checking each shard precompute finished is there and readable."""
+    records = shard_records(Path(cache_dir))
+    files = [Path(cache_dir) / shard_name(index) for index, stats in sorted(records.items()) if stats["rows"]]
     if not files:
         raise FileNotFoundError(
             f"No precomputed shards in {cache_dir}; run examples/precompute_embeddings.py --output_dir {cache_dir} first."
         )
-    return datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
+    damaged = [
+        f"{path}: {problem}" for path in files if (problem := shard_problem(path, records[shard_index(path.name)]["rows"]))
+    ]
+    damaged += [
+        f"{path}: no {path.name}.json (its write did not finish)"
+        for path in sorted(Path(cache_dir).glob(SHARD_GLOB)) if shard_index(path.name) not in records
+    ]
+    if damaged:
+        raise SystemExit(
+            f"The cache {cache_dir} has missing or damaged shards:\n  " + "\n  ".join(damaged) + "\nRerun the command "
+            "that wrote it (examples/precompute_embeddings.py, or train_lora.py for its --output_dir/cache) with the "
+            "same arguments: it re-encodes only the missing or damaged shards."
+        )
+    return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=streaming)
 
 
 def _select_training_columns(dataset, renames: dict[str, str]):
@@ -128,11 +239,17 @@ def _select_training_columns(dataset, renames: dict[str, str]):
     return dataset
 
 
-def _mix(sources: list, probabilities: list[float] | None, seed: int):
+def mix_sources(sources: list, probabilities: list[float] | None, seed: int):
+    """One training dataset from several caches. Without `probabilities`: their union, each row once per epoch (the
+    trainer's sampler shuffles it; the original trains on the union of its data streams). With them: rows drawn
+    from source i with probability `probabilities[i]` until every source has been seen (`interleave_datasets`,
+    "all_exhausted"), so a small source is repeated as often as its probability asks."""
     if probabilities is not None and len(probabilities) != len(sources):
         raise ValueError(f"Got {len(probabilities)} probabilities for {len(sources)} datasets; give one per dataset.")
     if len(sources) == 1:
         mixed = sources[0]
+    elif probabilities is None:
+        mixed = datasets.concatenate_datasets(sources)
     else:
         mixed = datasets.interleave_datasets(
             sources, probabilities=probabilities, seed=seed, stopping_strategy="all_exhausted"
@@ -210,19 +327,23 @@ def collate_bucketed(rows: list[dict]) -> dict[str, torch.Tensor]:
     return {"latents": latents, **torch.utils.data.default_collate(rest)}
 
 
-def load_training_data(args, resolution: int, cache_dirs: list[str] | None = None) -> tuple:
+def load_training_data(args, resolution: int, pipeline, transformer, cache_dirs: list[str]) -> tuple:
     """(dataset, collate_fn, batch_sampler) for `DiffusionTrainer.prepare` from a script's data flags: square
-    latents of `resolution` px, or with `--aspect_ratio_buckets` bucketed latents batched one bucket at a time.
-    `cache_dirs` (default `--precomputed_dataset`) are the caches to read."""
-    cache_dirs = cache_dirs if cache_dirs is not None else args.precomputed_dataset
+    latents of `resolution` px, or with `--aspect_ratio_buckets` bucketed latents batched one bucket at a time, read
+    from `cache_dirs` (`precompute.training_caches`). Each must have been encoded by `pipeline`'s VAE and text
+    encoder, in the shapes `transformer` takes: checked here, before any step."""
+    for cache_dir in cache_dirs:
+        check_cache_matches(cache_dir, pipeline)
     if getattr(args, "aspect_ratio_buckets", None) is None:
         dataset = load_precomputed(
             cache_dirs, resolution, args.precomputed_dataset_probabilities, args.streaming, args.seed
         )
+        check_row_fits(next(iter(dataset)), transformer)
         return dataset, None, None
     dataset = load_precomputed_buckets(
         cache_dirs, args.aspect_ratio_buckets, args.precomputed_dataset_probabilities, args.seed
     )
+    check_row_fits(dataset[0], transformer)
     sampler = AspectRatioBucketBatchSampler(latent_shape_buckets(dataset), args.train_batch_size, args.seed)
     if len(sampler) == 0:
         sizes = {"x".join(map(str, shape[1:])): rows for shape, rows in sampler.bucket_sizes().items()}

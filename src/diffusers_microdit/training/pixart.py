@@ -1,5 +1,5 @@
 """What every PixArt-Σ-family training script shares (KV finetuning, LiT distillation, LoRA): the DDPM noise
-scheduler, the unconditional caption for caption dropout, cache checks, and moving a model to a new resolution."""
+scheduler, the unconditional caption for caption dropout, and moving a model to a new resolution."""
 
 from __future__ import annotations
 
@@ -25,23 +25,6 @@ def null_caption(pipeline: PixArtSigmaPipeline, length: int) -> tuple[torch.Tens
         "", do_classifier_free_guidance=True, negative_prompt="", max_sequence_length=length, device="cpu"
     )
     return embeds[0].float(), mask[0].long()
-
-
-def check_cache_fits(first_row: dict, transformer: PixArtTransformer2DModel) -> None:
-    """Refuse caches encoded by another VAE or text encoder before any step runs."""
-    channels = int(first_row["latents_shape"][0]) if "latents_shape" in first_row else first_row["latents"].shape[0]
-    if "prompt_attention_mask" not in first_row:
-        raise SystemExit("The cache has no T5 attention masks: precompute it from a PixArt-Sigma pipeline.")
-    if channels != transformer.config.in_channels:
-        raise SystemExit(
-            f"The cached latents have {channels} channels, the transformer takes {transformer.config.in_channels}: "
-            "precompute the cache with the VAE you train with (precompute_embeddings.py --vae)."
-        )
-    if first_row["prompt_embeds"].shape[-1] != transformer.config.caption_channels:
-        raise SystemExit(
-            f"The cached caption embeddings have width {first_row['prompt_embeds'].shape[-1]}, the transformer takes "
-            f"{transformer.config.caption_channels}: precompute the cache with this pipeline's text encoder."
-        )
 
 
 def move_to_resolution(transformer: PixArtTransformer2DModel, resolution: int, vae_scale_factor: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -72,21 +73,59 @@ def decode_image(value) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_and_center_crop(image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """(3, height, width) in [-1, 1]: resized (bicubic) to just cover height x width, then centre-cropped."""
+def image_bytes(value) -> bytes:
+    """The stored bytes of a `datasets` image cell (as `decode_image` takes it), for fingerprinting a source; b""
+    for a file that cannot be read (`decode_image` skips that row anyway)."""
+    if isinstance(value, Image.Image):
+        return f"{value.mode}{value.size}".encode() + value.tobytes()
+    if isinstance(value, dict) and value.get("bytes"):
+        return value["bytes"]
+    path = value.get("path") if isinstance(value, dict) else value
+    try:
+        return Path(path).read_bytes()
+    except (OSError, TypeError):
+        return b""
+
+
+def resize_and_crop(
+    image: Image.Image, height: int, width: int, offset: tuple[float, float] = (0.5, 0.5), flip: bool = False
+) -> torch.Tensor:
+    """(3, height, width) in [-1, 1]: resized (bicubic) to just cover height x width, then cropped at `offset`
+    (the crop's place in the slack along x and y: 0.5 centres it), mirrored left-right if `flip`."""
     scale = max(height / image.height, width / image.width)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     resized = image.resize(size, Image.BICUBIC)
-    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    left, top = round((resized.width - width) * offset[0]), round((resized.height - height) * offset[1])
     cropped = resized.crop((left, top, left + width, top + height))
+    if flip:
+        cropped = cropped.transpose(Image.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32)).permute(2, 0, 1)
     return pixels / 127.5 - 1.0
 
 
-def image_to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+def image_to_pixels(image: Image.Image, resolution: int, **crop) -> torch.Tensor:
     """(3, resolution, resolution) in [-1, 1]: shorter side resized (bicubic) to `resolution`, then centre-cropped,
-    as the original MicroDiT data preparation does."""
-    return resize_and_center_crop(image, resolution, resolution)
+    as the original MicroDiT data preparation does (or as `crop`, the `resize_and_crop` options, say)."""
+    return resize_and_crop(image, resolution, resolution, **crop)
+
+
+@dataclass(frozen=True)
+class ImagePreparation:
+    """How a source image becomes training pixels, as the diffusers examples' `--center_crop` / `--random_flip`,
+    plus the original's dropping of images smaller than wanted (`min_image_size`, shorter side in pixels) instead of
+    upscaling them. The latents are cached, so a random crop or flip is drawn once per image (seeded by its row)."""
+
+    center_crop: bool = True
+    random_flip: bool = False
+    min_image_size: int | None = None
+
+    def keeps(self, image: Image.Image) -> bool:
+        return self.min_image_size is None or min(image.size) >= self.min_image_size
+
+    def crop_options(self, generator: torch.Generator) -> dict:
+        """`resize_and_crop` options for one image: its crop offset and flip."""
+        flip, x, y = torch.rand(3, generator=generator).tolist()
+        return {"offset": (0.5, 0.5) if self.center_crop else (x, y), "flip": self.random_flip and flip < 0.5}
 
 
 def closest_aspect_ratio_bucket(height: int, width: int, base_size: int) -> tuple[int, int]:
@@ -99,9 +138,10 @@ def closest_aspect_ratio_bucket(height: int, width: int, base_size: int) -> tupl
     return PixArtImageProcessor.classify_height_width_bin(height, width, ASPECT_RATIO_BINS[base_size])
 
 
-def image_to_bucket_pixels(image: Image.Image, base_size: int) -> torch.Tensor:
-    """(3, H, W) in [-1, 1]: the image resized and centre-cropped to its closest aspect-ratio bucket."""
-    return resize_and_center_crop(image, *closest_aspect_ratio_bucket(image.height, image.width, base_size))
+def image_to_bucket_pixels(image: Image.Image, base_size: int, **crop) -> torch.Tensor:
+    """(3, H, W) in [-1, 1]: the image resized and centre-cropped (or as `crop` says) to its closest aspect-ratio
+    bucket."""
+    return resize_and_crop(image, *closest_aspect_ratio_bucket(image.height, image.width, base_size), **crop)
 
 
 @torch.no_grad()

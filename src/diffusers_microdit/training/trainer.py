@@ -8,8 +8,12 @@ pipeline folder. Two additions make runs reproducible across kills and process c
 * every random draw of a micro-batch (noise levels, noise, masks, caption dropout) comes from `BatchRandomness`
   (`randomness.py`), seeded by (seed, micro-step) and sliced by the sample's place in the global batch, so it does
   not depend on RNG state, on resuming, or on how many processes share the batch;
-* checkpoints are written to `checkpoint-N.tmp` and renamed when complete, so a kill mid-write never leaves a
-  `checkpoint-N` that `--resume_from_checkpoint latest` would pick but could not load.
+* checkpoints are written to `checkpoint-N.tmp` with a manifest of every file (size, CRC-32) written last, then
+  renamed; `--resume_from_checkpoint latest` takes the newest checkpoint whose manifest verifies and reports (never
+  deletes) damaged ones, so neither a kill mid-write nor a file damaged later stops a run from resuming.
+
+Runs that would go wrong are stopped: a second run into the same `--output_dir` (`OutputDirLock`), a resume with
+another global batch or seed, and a loss or weights turning non-finite (stopped before they are saved).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -30,11 +35,15 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from tqdm.auto import tqdm
 
+from ..integrity import manifest_problems, read_manifest, write_manifest
+from .args import COSINE_WITH_MIN_LR
 from .cost import CostMeter, count_parameters, flop_counter, peak_flops
 from .randomness import BatchRandomness
 from .reporting import LossHistory, image_grid, log_images
+from .run_lock import OutputDirLock
 
 logger = get_logger(__name__)
 
@@ -46,9 +55,57 @@ def checkpoint_step(path: Path) -> int:
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (`.tmp` writes in progress and `.deleting` rotations excluded)."""
+    """Checkpoint folders, oldest first (`.tmp` writes in progress and `.deleting` rotations excluded)."""
     found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()]
     return sorted(found, key=checkpoint_step)
+
+
+def latest_verified_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint whose manifest verifies; damaged ones are reported with their problems and skipped
+    (kept on disk for inspection). None if there is no checkpoint; `SystemExit` listing them if none verifies."""
+    found = list_checkpoints(output_dir)
+    damaged = []
+    for path in reversed(found):
+        problems = manifest_problems(path)
+        if not problems:
+            return path
+        logger.warning(f"Skipping damaged checkpoint {path.name}: " + "; ".join(problems))
+        damaged.append(f"{path.name}: " + "; ".join(problems))
+    if damaged:
+        raise SystemExit(
+            f"No checkpoint in {output_dir} is complete, so the run cannot resume:\n  " + "\n  ".join(damaged)
+            + "\nDrop --resume_from_checkpoint to start over (or use another --output_dir)."
+        )
+    return None
+
+
+def gradient_accumulation_steps(args: argparse.Namespace, num_processes: int) -> int:
+    """--gradient_accumulation_steps, or the steps that make --global_batch_size from this launch's processes (then
+    also written back to `args`, so every use of the run's shape agrees)."""
+    if args.global_batch_size is not None:
+        per_step = args.train_batch_size * num_processes
+        if args.global_batch_size % per_step:
+            raise SystemExit(
+                f"--global_batch_size {args.global_batch_size} is not a multiple of --train_batch_size "
+                f"{args.train_batch_size} x {num_processes} processes; change one of them."
+            )
+        args.gradient_accumulation_steps = args.global_batch_size // per_step
+    return args.gradient_accumulation_steps
+
+
+def build_lr_scheduler(args: argparse.Namespace, optimizer, max_train_steps: int, num_processes: int):
+    """--lr_scheduler for `max_train_steps` optimizer steps; Accelerate's prepared scheduler steps once per process
+    per optimizer step, so the step counts are in those units."""
+    warmup, total = args.lr_warmup_steps * num_processes, max_train_steps * num_processes
+    if args.lr_scheduler == COSINE_WITH_MIN_LR:
+        # The original MicroDiT's cosine decays to a floor (Composer's alpha_f), which diffusers' cosine lacks.
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, warmup, total, num_cycles=0.5 * args.lr_num_cycles, min_lr_rate=args.lr_min_ratio
+        )
+    return get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total,
+        num_cycles=args.lr_num_cycles,
+    )
 
 
 class DiffusionTrainer:
@@ -69,18 +126,27 @@ class DiffusionTrainer:
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             mixed_precision=args.mixed_precision,
             log_with=None if args.report_to == "none" else args.report_to,
+            # Accelerate compiles the model in `prepare` (as with `accelerate launch --dynamo_backend`).
+            dynamo_backend=args.torch_compile_backend if args.torch_compile else None,
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / args.logging_dir)
             ),
             # Data order = f(seed, epoch) on every process, so resumed and multi-process runs see the same batches.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         )
+        # Known only now that the launch's processes are: --global_batch_size's accumulation.
+        self.accelerator.gradient_accumulation_steps = gradient_accumulation_steps(args, self.accelerator.num_processes)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         set_seed(args.seed)
         if args.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
+        self.lock = OutputDirLock(self.output_dir)
+        self.hub_repo_id = None
         if self.accelerator.is_main_process:
+            if args.push_to_hub:
+                self.hub_repo_id = self._create_hub_repo()
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()  # before touching anything in the folder
             for stale in itertools.chain(self.output_dir.glob("*.tmp"), self.output_dir.glob("*.deleting")):
                 shutil.rmtree(stale, ignore_errors=True)  # an interrupted checkpoint write or rotation
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -96,12 +162,23 @@ class DiffusionTrainer:
         self.ema = None
         self.cost = None
 
+    def _create_hub_repo(self) -> str:
+        """The `--push_to_hub` repo, created now so that a push that cannot happen fails before training."""
+        from ..hub import create_hub_repo
+
+        try:
+            return create_hub_repo(self.args.hub_model_id or self.output_dir.name)
+        except RuntimeError as error:
+            raise SystemExit(f"--push_to_hub: {error}") from None
+
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
 
     def unwrap(self, model=None) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(model if model is not None else self.model)
+        """The plain model under Accelerate's wrappers and `torch.compile`'s (checkpoint hooks load into it by
+        class, and the output pipeline must not hold a compiled module)."""
+        return self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
 
     # ---------------------------------------------------------------- set-up
 
@@ -166,22 +243,15 @@ class DiffusionTrainer:
         if self.max_train_steps is None:
             batches = math.ceil(len(dataloader) / accelerator.num_processes)
             self.max_train_steps = args.num_train_epochs * math.ceil(batches / args.gradient_accumulation_steps)
-        lr_scheduler = get_scheduler(
-            args.lr_scheduler,
-            optimizer=optimizer,
-            # The prepared scheduler steps once per process per optimizer step.
-            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-            num_training_steps=self.max_train_steps * accelerator.num_processes,
-            num_cycles=args.lr_num_cycles,
-        )
+        lr_scheduler = build_lr_scheduler(args, optimizer, self.max_train_steps, accelerator.num_processes)
         self._start_cost_meter(model)
-        if args.torch_compile:
-            model = torch.compile(model)
         self.model, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
             model, optimizer, dataloader, lr_scheduler
         )
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
+        if args.resume_optimizer_state:
+            self._load_previous_stage_optimizer()
         if accelerator.is_main_process:
             config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
             config["max_train_steps"] = self.max_train_steps
@@ -234,10 +304,17 @@ class DiffusionTrainer:
         model.register_to_config(**loaded.config)
         model.load_state_dict(loaded.state_dict())
 
+    def run_shape(self) -> dict:
+        """What a resumed run must share with the checkpoint for its batches and draws to continue the same run."""
+        args = self.args
+        global_batch = args.train_batch_size * args.gradient_accumulation_steps * self.accelerator.num_processes
+        return {"global_batch_size": global_batch, "seed": args.seed}
+
     def save_checkpoint(self) -> Path:
-        """`save_state` into `checkpoint-N.tmp`, then an atomic rename; older checkpoints beyond the limit are
-        removed only after the new one is complete."""
+        """`save_state` into `checkpoint-N.tmp`, the manifest last, then an atomic rename; older checkpoints beyond
+        the limit are removed only after the new one is complete."""
         accelerator = self.accelerator
+        self.check_weights_finite("saving a checkpoint")
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.global_step}"
         tmp = final.with_name(final.name + ".tmp")
         if accelerator.is_main_process and tmp.exists():
@@ -246,7 +323,12 @@ class DiffusionTrainer:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            if final.exists():
+            write_manifest(tmp, self.run_shape())
+            if final.exists() and manifest_problems(final):
+                kept = final.with_name(f"{final.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+                logger.warning(f"Keeping the damaged {final.name} as {kept.name} and writing it anew.")
+                os.replace(final, kept)
+            elif final.exists():  # this run's own earlier write of the same step, complete
                 shutil.rmtree(final)
             os.replace(tmp, final)
             limit = self.args.checkpoints_total_limit
@@ -259,18 +341,47 @@ class DiffusionTrainer:
         accelerator.wait_for_everyone()
         return final
 
+    def _load_previous_stage_optimizer(self) -> None:
+        """The AdamW moments of the previous stage's newest complete checkpoint (stage 2 continues stage 1 in the
+        original); this run's param groups (LR, betas, weight decay) are kept."""
+        if self.sharded:
+            raise SystemExit("--resume_optimizer_state is not supported with FSDP or DeepSpeed here.")
+        previous = Path(self.args.pretrained_model_name_or_path).parent  # --init_from resolved to its pipeline/
+        checkpoint = latest_verified_checkpoint(previous)
+        if checkpoint is None:
+            raise SystemExit(f"--resume_optimizer_state: {previous} has no checkpoint to take the optimizer state from.")
+        state = torch.load(checkpoint / "optimizer.bin", map_location="cpu", weights_only=True)
+        state["param_groups"] = self.optimizer.state_dict()["param_groups"]
+        try:
+            self.optimizer.load_state_dict(state)
+        except ValueError as error:
+            raise SystemExit(
+                f"--resume_optimizer_state: {checkpoint} holds the optimizer of another model ({error})."
+            ) from None
+        self.accelerator.print(f"Optimizer state from {checkpoint} (step {checkpoint_step(checkpoint)})")
+
     def _resume(self) -> None:
         choice = self.args.resume_from_checkpoint
         if choice is None:
             return
         if choice == "latest":
-            found = list_checkpoints(self.output_dir)
-            if not found:
+            path = latest_verified_checkpoint(self.output_dir)
+            if path is None:
                 self.accelerator.print(f"No checkpoint in {self.output_dir}; starting a new run.")
                 return
-            path = found[-1]
         else:
             path = Path(choice)
+            problems = manifest_problems(path)
+            if problems:
+                raise SystemExit(f"Cannot resume from {path}, it is damaged:\n  " + "\n  ".join(problems))
+        recorded, current = read_manifest(path)["run"], self.run_shape()
+        changed = [f"{key} {recorded[key]} -> {current[key]}" for key in current if recorded.get(key, current[key]) != current[key]]
+        if changed:
+            raise SystemExit(
+                f"{path.name} was trained with other settings ({', '.join(changed)}): resuming would not continue "
+                "the same run. Resume with the checkpoint's --train_batch_size x --gradient_accumulation_steps x "
+                "processes and --seed, or start a new run with --init_from."
+            )
         self.accelerator.print(f"Resuming from checkpoint {path.name}")
         self.accelerator.load_state(str(path))
         self.global_step = checkpoint_step(path)
@@ -317,7 +428,10 @@ class DiffusionTrainer:
                     if count:
                         self.cost.flops_per_image = counter.get_total_flops() / args.train_batch_size
                         accelerator.print(self.cost.summary(planned_images))
-                    running_loss += accelerator.gather(loss.detach()).mean().item() / accumulation
+                    micro_loss = accelerator.gather(loss.detach()).mean().item()
+                    if not math.isfinite(micro_loss):
+                        self.stop_non_finite(f"the loss is {micro_loss}")
+                    running_loss += micro_loss / accumulation
                     if accelerator.sync_gradients and args.max_grad_norm:
                         accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
                     self.optimizer.step()
@@ -344,6 +458,21 @@ class DiffusionTrainer:
                 if self.global_step >= self.max_train_steps:
                     break
         progress.close()
+
+    def check_weights_finite(self, before: str) -> None:
+        """Stop if any trained weight is NaN or infinite, so such weights are never saved."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad):
+            self.stop_non_finite(f"weights are non-finite before {before}")
+
+    def stop_non_finite(self, what: str) -> None:
+        """End the run, keeping every checkpoint as it is and naming the step and the last good checkpoint."""
+        found = [p.name for p in list_checkpoints(self.output_dir) if not manifest_problems(p)]
+        restart = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
+        raise SystemExit(
+            f"Training stopped at step {self.global_step + 1}: {what}. Nothing of this step was saved; {restart}. "
+            "Lower --learning_rate or --max_grad_norm, or use --mixed_precision bf16/no, then resume with "
+            "--resume_from_checkpoint latest."
+        )
 
     # ---------------------------------------------------------------- validation and output
 
@@ -384,6 +513,7 @@ class DiffusionTrainer:
         from ..hub import push_folder_to_hub
 
         args, accelerator = self.args, self.accelerator
+        self.check_weights_finite("saving the trained model")
         accelerator.wait_for_everyone()
         folder = None
         state_dict = accelerator.get_state_dict(self.model) if self.sharded else None  # collective: all processes
@@ -397,14 +527,12 @@ class DiffusionTrainer:
                 self.ema = None  # the model now holds the EMA weights; validation must not swap them again
             samples = self.validate(build_pipeline, "final")
             planned = self.max_train_steps * args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-            repo_id = args.hub_model_id or self.output_dir.name
             folder = self.save_output(
                 model,
                 build_pipeline,
-                repo_id=repo_id if args.push_to_hub else None,
-                # Card metadata takes Hub ids only; a local starting point is not one.
-                base_model=None if Path(str(args.pretrained_model_name_or_path)).exists() else args.pretrained_model_name_or_path,
-                training_data=training_data or "precomputed caches: " + ", ".join(map(str, args.precomputed_dataset)),
+                repo_id=self.hub_repo_id,
+                base_model=args.pretrained_model_name_or_path,  # the card keeps Hub ids only, never local paths
+                training_data=training_data or self._training_data(),
                 cost=self.cost.as_dict(planned),
                 sample_images=samples,
                 sample_prompts=args.validation_prompts if samples else None,
@@ -418,9 +546,18 @@ class DiffusionTrainer:
             accelerator.print(summary)
             accelerator.print(f"Saved the training output to {folder}")
             if args.push_to_hub:
-                accelerator.print(f"Pushed to the Hub: {push_folder_to_hub(folder, repo_id, commit_message='End of training')}")
+                accelerator.print(f"Pushed to the Hub: {push_folder_to_hub(folder, self.hub_repo_id, commit_message='End of training')}")
         accelerator.end_training()
+        self.lock.release()
         return folder
+
+    def _training_data(self) -> str:
+        """What the model card says the run trained on (local paths are shortened by the card writer)."""
+        args = self.args
+        raw = getattr(args, "dataset_name", None) or getattr(args, "train_data_dir", None)
+        if raw:
+            return f"{raw} (captions from column {args.caption_column!r})"
+        return "precomputed caches: " + ", ".join(map(str, args.precomputed_dataset))
 
     def save_output(self, model: torch.nn.Module, build_pipeline: Callable, **card) -> Path:
         """Write the trained pipeline with a model card (`hub.save_pipeline_with_card` arguments in `card`) to
