@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 
+import datasets
 import pytest
 import torch
 from helpers import ENV, REPO_ROOT, load_example, run_script
@@ -58,13 +59,21 @@ def test_the_recipe_schedules_are_the_originals(microdit_workspace, tmp_path):
 
 
 def test_the_scaled_down_recipe_runs_from_raw_data_to_a_reloadable_pipeline(microdit_workspace, tmp_path):
+    images = tmp_path / "images"  # a raw image folder with metadata.jsonl captions, as a user brings one
+    images.mkdir()
+    rows = datasets.load_from_disk(microdit_workspace["root"] / "shapes")
+    for index, row in enumerate(rows):
+        row["image"].save(images / f"{index:03d}.png")
+    (images / "metadata.jsonl").write_text(
+        "\n".join(json.dumps({"file_name": f"{index:03d}.png", "text": row["text"]}) for index, row in enumerate(rows))
+    )
     out = tmp_path / "runs"
     names = ("stage1_256px_masked", "stage2_256px_unmasked", "stage3_512px_masked", "stage4_512px_unmasked")
     result = run_script(
         "train_microdit_recipe.py", "--recipe", RECIPE, "--init_from", microdit_workspace["base"], "--output_dir", out,
         "--steps_scale", 0.0002, "--resolution_scale", 0.0625,  # 50 / 6 / 10 / 1 steps at 16 px, then 32 px
         "--transformer_config", microdit_workspace["config"],
-        "--dataset_name", microdit_workspace["root"] / "shapes",
+        "--train_data_dir", images,
         "--global_batch_size", 8, "--train_batch_size", 4, "--checkpointing_steps", 25, "--report_to", "none",
     )
     stages = [json.loads((out / name / "pipeline" / "transformer" / "config.json").read_text()) for name in names]
