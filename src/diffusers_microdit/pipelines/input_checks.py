@@ -96,3 +96,12 @@ def check_finite_latents(latents: torch.Tensor) -> None:
             "be corrupt (check them with torch.isfinite), or it overflowed in float16: run it in torch.float32 or "
             "torch.bfloat16."
         )
+
+
+def check_latents_shape(latents, num_images: int, channels: int, height: int, width: int, vae_scale_factor: int) -> None:
+    """User `latents` must be the noise of `num_images` images of `height` x `width` px."""
+    expected = (num_images, channels, height // vae_scale_factor, width // vae_scale_factor)
+    if latents is not None and tuple(latents.shape) != expected:
+        raise ValueError(
+            f"`latents` must have shape {expected} for a {height}x{width} image, got {tuple(latents.shape)}."
+        )

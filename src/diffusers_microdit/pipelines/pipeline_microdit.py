@@ -17,7 +17,7 @@ from transformers import CLIPTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..loaders.lora import TransformerLoraLoaderMixin
 from ..models.transformer_microdit import MicroDiTTransformer2DModel
-from .input_checks import check_finite_latents, check_sampling_inputs
+from .input_checks import check_finite_latents, check_latents_shape, check_sampling_inputs
 from .openclip_tokenizer import configure_openclip_tokenizer
 
 EXAMPLE_DOC_STRING = """
@@ -210,15 +210,10 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
                 f"{tuple(negative_prompt_embeds.shape)} and "
                 f"{None if prompt_embeds is None else tuple(prompt_embeds.shape)}."
             )
-        if latents is not None:
-            expected = (
-                batch_size * num_images_per_prompt,
-                self.transformer.config.in_channels,
-                height // self.vae_scale_factor,
-                width // self.vae_scale_factor,
-            )
-            if tuple(latents.shape) != expected:
-                raise ValueError(f"`latents` must have shape {expected}, got {tuple(latents.shape)}.")
+        check_latents_shape(
+            latents, batch_size * num_images_per_prompt, self.transformer.config.in_channels, height, width,
+            self.vae_scale_factor,
+        )
         if callback_on_step_end_tensor_inputs is not None:
             unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
             if unknown:

@@ -26,7 +26,7 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import (
 )
 
 from ..loaders.lora import TransformerLoraLoaderMixin
-from .input_checks import check_finite_latents, check_sampling_inputs
+from .input_checks import check_finite_latents, check_latents_shape, check_sampling_inputs
 
 # Transformer `sample_size` (latent side) -> the aspect-ratio bins of that resolution, as diffusers' PixArt-Σ uses.
 ASPECT_RATIO_BINS = {
@@ -147,17 +147,10 @@ class PixArtSigmaFamilyPipeline(PixArtSigmaPipeline, TransformerLoraLoaderMixin)
                     f"The attention mask of `{name}` must be a (batch, tokens) tensor of shape "
                     f"{tuple(embeds.shape[:2])}, got {getattr(mask, 'shape', mask)!r}."
                 )
-        if latents is not None:
-            expected = (
-                batch_size * num_images_per_prompt,
-                self.transformer.config.in_channels,
-                height // self.vae_scale_factor,
-                width // self.vae_scale_factor,
-            )
-            if tuple(latents.shape) != expected:
-                raise ValueError(
-                    f"`latents` must have shape {expected} for a {height}x{width} image, got {tuple(latents.shape)}."
-                )
+        check_latents_shape(
+            latents, batch_size * num_images_per_prompt, self.transformer.config.in_channels, height, width,
+            self.vae_scale_factor,
+        )
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
             raise ValueError(f"`max_sequence_length` must be an integer >= 1 (T5 tokens), got {max_sequence_length!r}.")
         if timesteps is not None and sigmas is not None:

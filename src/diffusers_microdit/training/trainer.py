@@ -172,6 +172,12 @@ class DiffusionTrainer:
             raise SystemExit(f"--push_to_hub: {error}") from None
 
     @property
+    def global_batch_size(self) -> int:
+        """Images per optimizer step over all processes."""
+        args = self.args
+        return args.train_batch_size * args.gradient_accumulation_steps * self.accelerator.num_processes
+
+    @property
     def device(self) -> torch.device:
         return self.accelerator.device
 
@@ -208,8 +214,7 @@ class DiffusionTrainer:
             )
             self.ema.to(self.device)
 
-        global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-        learning_rate = args.learning_rate * global_batch if args.scale_lr else args.learning_rate
+        learning_rate = args.learning_rate * self.global_batch_size if args.scale_lr else args.learning_rate
         trainable = [p for p in model.parameters() if p.requires_grad]
         # Fused AdamW: on CPU the per-tensor loop is several times slower than the step it updates.
         optimizer = torch.optim.AdamW(
@@ -306,9 +311,7 @@ class DiffusionTrainer:
 
     def run_shape(self) -> dict:
         """What a resumed run must share with the checkpoint for its batches and draws to continue the same run."""
-        args = self.args
-        global_batch = args.train_batch_size * args.gradient_accumulation_steps * self.accelerator.num_processes
-        return {"global_batch_size": global_batch, "seed": args.seed}
+        return {"global_batch_size": self.global_batch_size, "seed": self.args.seed}
 
     def save_checkpoint(self) -> Path:
         """`save_state` into `checkpoint-N.tmp`, the manifest last, then an atomic rename; older checkpoints beyond
@@ -392,7 +395,7 @@ class DiffusionTrainer:
         """Run until `max_train_steps`, validating every `--validation_steps` with `build_pipeline`."""
         args, accelerator = self.args, self.accelerator
         accumulation = args.gradient_accumulation_steps
-        planned_images = self.max_train_steps * args.train_batch_size * accumulation * accelerator.num_processes
+        planned_images = self.max_train_steps * self.global_batch_size
 
         batches_per_epoch = len(self.dataloader) if hasattr(self.dataloader, "__len__") else None
         done_batches = self.global_step * accumulation
@@ -444,7 +447,7 @@ class DiffusionTrainer:
                     self.ema.step(self.unwrap().parameters())
                 self.global_step += 1
                 if self.global_step > first_step + 1:  # a run's first step has one-off costs (warm-up, FLOP count)
-                    self.cost.end_step(args.train_batch_size * accumulation * accelerator.num_processes)
+                    self.cost.end_step(self.global_batch_size)
                 logs = {"loss": running_loss, "lr": self.lr_scheduler.get_last_lr()[0]}
                 self.loss_history.append(self.global_step, running_loss)
                 running_loss = 0.0
@@ -526,7 +529,7 @@ class DiffusionTrainer:
                 self.ema.copy_to(model.parameters())
                 self.ema = None  # the model now holds the EMA weights; validation must not swap them again
             samples = self.validate(build_pipeline, "final")
-            planned = self.max_train_steps * args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+            planned = self.max_train_steps * self.global_batch_size
             folder = self.save_output(
                 model,
                 build_pipeline,
