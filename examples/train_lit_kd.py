@@ -19,9 +19,11 @@ epsilon and variance output channels of student (S) and teacher (T) at the same 
 
 Defaults: lambda_noise 1.0 and lambda_variance 0.05 (LiT's text-to-image values), 2 linear-attention heads, and
 PixArt-Sigma's finetuning recipe (learning rate 2e-5, no weight decay, constant schedule after 1000 warmup steps,
-gradient clipping at 0.01, guidance 4.5 for validation), with AdamW instead of CAME. LiT reports 45,400 steps. The
-KD terms are logged to the trackers next to the total loss as `diffusion`, `kd_noise` and `kd_variance`. Data:
-the caches of examples/precompute_embeddings.py, as for train_pixart_kv.py (same data flags and caption dropout).
+gradient clipping at 0.01, guidance 4.5 for validation), with AdamW unless --optimizer came (Sigma's and LiT's
+CAME). LiT reports 45,400 steps. The KD terms are logged to the trackers next to the total loss as `diffusion`,
+`kd_noise` and `kd_variance`. Data: the caches of examples/precompute_embeddings.py, as for train_pixart_kv.py (same
+data flags, caption dropout and Sigma's recipe options: two captions mixed by --real_caption_ratio, and
+--fp32_attention, which here upcasts the teacher's attention and the student's cross-attention).
 """
 
 import argparse
@@ -37,12 +39,13 @@ from diffusers_microdit import LiTPipeline, LiTTransformer2DModel
 from diffusers_microdit.models.transformer_lit import VALUE_CONV_CHANNELS, VALUE_CONV_INITS
 from diffusers_microdit.training.args import (
     add_aspect_ratio_bucket_arg,
+    add_pixart_recipe_args,
     add_training_args,
     check_aspect_ratio_bucket_args,
     check_training_args,
     resolve_pipeline_path,
 )
-from diffusers_microdit.training.data import load_training_data
+from diffusers_microdit.training.data import caption_mixing_ratio, load_training_data
 from diffusers_microdit.training.losses import (
     KD_VARIANCE_TARGETS,
     LiTDistillationTerms,
@@ -52,7 +55,9 @@ from diffusers_microdit.training.losses import (
 from diffusers_microdit.training.pixart import (
     move_to_resolution,
     null_caption,
+    recipe_summary,
     training_noise_scheduler,
+    use_fp32_attention,
 )
 from diffusers_microdit.training.precompute import training_caches
 from diffusers_microdit.training.trainer import DiffusionTrainer
@@ -69,7 +74,7 @@ SHARED_WITH_TEACHER = ("in_channels", "out_channels", "patch_size", "caption_cha
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_args(parser, learning_rate=2e-5, weight_decay=0.0)  # PixArt-Sigma's (CAME) values, used with AdamW
+    add_training_args(parser, learning_rate=2e-5, weight_decay=0.0)  # PixArt-Sigma's (CAME) values
     parser.set_defaults(
         lr_scheduler="constant_with_warmup", lr_warmup_steps=1000, max_grad_norm=0.01, validation_guidance_scale=4.5
     )
@@ -97,6 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "for classifier-free guidance; the teacher sees the same caption as the student.",
     )
     add_aspect_ratio_bucket_arg(kd)
+    add_pixart_recipe_args(kd)
     student = parser.add_argument_group("student (built from the teacher unless --student_init_from)")
     student.add_argument(
         "--student_init_from", default=None,
@@ -229,7 +235,7 @@ def make_compute_loss(
 
     def compute_loss(model, batch, draws) -> torch.Tensor:
         inputs = draw_pixart_training_inputs(
-            batch, draws, num_timesteps, null_embeds, null_mask, args.caption_dropout
+            batch, draws, num_timesteps, null_embeds, null_mask, args.caption_dropout, args.real_caption_ratio
         )
         with autocast():
             loss, terms = lit_distillation_loss(
@@ -261,6 +267,10 @@ def main(argv=None) -> None:
 
     cache_dirs = training_caches(args, pipeline, trainer.accelerator, resolution)
     dataset, collate_fn, batch_sampler = load_training_data(args, resolution, pipeline, teacher, cache_dirs)
+    args.real_caption_ratio = caption_mixing_ratio(dataset, args.real_caption_ratio)
+    if args.fp32_attention:
+        for model in (student, teacher):  # a teacher's fp16 NaN would reach the student through the KD terms
+            use_fp32_attention(model)
     first_row = next(iter(dataset))
     null_embeds, null_mask = null_caption(pipeline, first_row["prompt_embeds"].shape[0])
     attach_teacher(teacher, trainer.device, trainer.weight_dtype, args.teacher_cpu_offload)
@@ -270,6 +280,7 @@ def main(argv=None) -> None:
         f"kd_variance ({args.kd_variance_target}), teacher "
         + ("offloaded to the CPU" if args.teacher_cpu_offload else "on the device")
     )
+    trainer.accelerator.print(recipe_summary(args))
 
     def build_pipeline(model) -> LiTPipeline:
         return LiTPipeline(

@@ -19,8 +19,11 @@ Objective: PixArt-Sigma's IDDPM loss, epsilon MSE plus the learned-range variati
 1e-4 -> 0.02, from the pipeline scheduler's config), with caption dropout to the pipeline's unconditional caption.
 Defaults follow the Sigma configs: learning rate 2e-5, weight decay 0, constant schedule after warmup (1000 steps;
 the KV config uses 500), gradient clipping at 0.01, classifier-free guidance 4.5 for validation. The optimizer is
-AdamW: PixArt-Sigma trains with CAME, which is not in the Hugging Face stack. Sigma also scales 2e-5 by
-sqrt(global batch / 256); pass the scaled value with --learning_rate. Data: caches of VAE latents and T5 embeddings
+AdamW unless --optimizer came (Sigma's CAME, betas 0.9/0.999/0.9999, eps 1e-30/1e-16; the came-pytorch package).
+Sigma also scales 2e-5 by sqrt(global batch / 256); pass the scaled value with --learning_rate. The rest of Sigma's
+recipe: --caption_column text,vlm_text trains each sample on its original caption with probability
+--real_caption_ratio (0.5) and on the second (VLM) caption otherwise; --fp32_attention --mixed_precision fp16
+computes attention in float32 as its fp32_attention=True. Data: caches of VAE latents and T5 embeddings
 written by examples/precompute_embeddings.py, square (--resolution) or multi-aspect (--aspect_ratio_buckets).
 """
 
@@ -31,21 +34,24 @@ from diffusers import AutoencoderKL, DiffusionPipeline, PixArtSigmaPipeline
 import diffusers_microdit  # noqa: F401  (registers the package's classes with diffusers)
 from diffusers_microdit import PixArtSigmaKVPipeline, PixArtSigmaKVTransformer2DModel
 from diffusers_microdit.models.transformer_pixart_kv import KV_COMPRESS_SAMPLINGS, normalize_kv_compress_layers
+from diffusers_microdit.pipelines.pipeline_pixart_sigma_family import ASPECT_RATIO_BINS
 from diffusers_microdit.training.args import (
     add_aspect_ratio_bucket_arg,
+    add_pixart_recipe_args,
     add_training_args,
     check_aspect_ratio_bucket_args,
     check_training_args,
     resolve_pipeline_path,
 )
-from diffusers_microdit.training.data import load_training_data
+from diffusers_microdit.training.data import caption_mixing_ratio, load_training_data
 from diffusers_microdit.training.losses import pixart_objective
 from diffusers_microdit.training.pixart import (
     move_to_resolution,
     null_caption,
+    recipe_summary,
     training_noise_scheduler,
+    use_fp32_attention,
 )
-from diffusers_microdit.training.sources import ASPECT_RATIO_BINS
 from diffusers_microdit.training.precompute import training_caches
 from diffusers_microdit.training.trainer import DiffusionTrainer
 
@@ -54,7 +60,7 @@ DEEPER_HALF = "deeper_half"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_args(parser, learning_rate=2e-5, weight_decay=0.0)  # PixArt-Sigma's (CAME) values, used with AdamW
+    add_training_args(parser, learning_rate=2e-5, weight_decay=0.0)  # PixArt-Sigma's (CAME) values
     pixart = parser.add_argument_group("PixArt-Sigma")
     pixart.add_argument(
         "--kv_compress_layers", nargs="+", default=None,
@@ -65,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     pixart.add_argument("--kv_compress_ratio", type=int, default=2, help="Token-grid downsampling per axis.")
     pixart.add_argument("--kv_compress_sampling", default="conv", choices=KV_COMPRESS_SAMPLINGS)
     add_aspect_ratio_bucket_arg(pixart)
+    add_pixart_recipe_args(pixart)
     pixart.add_argument(
         "--vae", default=None,
         help="Swap in this diffusers AutoencoderKL (folder or Hub id), e.g. the SDXL VAE of Sigma's weak-to-strong "
@@ -141,6 +148,16 @@ def kv_compression_config(args) -> dict:
     }
 
 
+def check_validation_resolution(args, resolution: int) -> None:
+    """Refuse --validation_prompts at a size the validation pipeline cannot sample: its resolution binning (on by
+    default) has bins only for models of the `ASPECT_RATIO_BINS` sizes."""
+    if args.validation_prompts and resolution not in ASPECT_RATIO_BINS:
+        raise SystemExit(
+            f"Validation at {resolution} px is impossible: the pipeline's resolution binning only knows models of "
+            f"{sorted(ASPECT_RATIO_BINS)} px. Drop --validation_prompts or pick one of those sizes."
+        )
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     trainer = DiffusionTrainer(args)
@@ -153,15 +170,14 @@ def main(argv=None) -> None:
         raise SystemExit(f"--resolution must be a multiple of {factor * transformer.config.patch_size} px.")
     if resolution != native:
         move_to_resolution(transformer, resolution, factor)
-    if args.validation_prompts and resolution not in ASPECT_RATIO_BINS:
-        raise SystemExit(
-            f"Validation at {resolution} px is impossible: PixArtSigmaPipeline only samples models of "
-            f"{sorted(ASPECT_RATIO_BINS)} px (its aspect-ratio bins). Drop --validation_prompts or pick one of those."
-        )
+    check_validation_resolution(args, resolution)
     noise_scheduler = training_noise_scheduler(pipeline)
 
     cache_dirs = training_caches(args, pipeline, trainer.accelerator, resolution)
     dataset, collate_fn, batch_sampler = load_training_data(args, resolution, pipeline, transformer, cache_dirs)
+    args.real_caption_ratio = caption_mixing_ratio(dataset, args.real_caption_ratio)
+    if args.fp32_attention:
+        use_fp32_attention(transformer)
     first_row = next(iter(dataset))
     null_embeds, null_mask = null_caption(pipeline, first_row["prompt_embeds"].shape[0])
     kv = transformer.kv_compressed_layers
@@ -170,14 +186,19 @@ def main(argv=None) -> None:
         + (f" (aspect-ratio buckets, {len(batch_sampler)} batches per epoch)" if batch_sampler else "")
         + (f", KV compression x{transformer.config.kv_compress_ratio} in blocks {kv}" if kv else ", no KV compression")
     )
+    trainer.accelerator.print(recipe_summary(args))
 
     def build_pipeline(model) -> PixArtSigmaKVPipeline:
+        if resolution >= 2048:
+            pipeline.vae.enable_tiling()  # 2K/4K validation images decode in tiles (the latents are already cached)
         return PixArtSigmaKVPipeline(
             transformer=model, vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
             scheduler=pipeline.scheduler,
         )
 
-    compute_loss = pixart_objective(noise_scheduler, null_embeds, null_mask, args.caption_dropout)
+    compute_loss = pixart_objective(
+        noise_scheduler, null_embeds, null_mask, args.caption_dropout, args.real_caption_ratio
+    )
     trainer.prepare(transformer, dataset, compute_loss, collate_fn, batch_sampler)
     trainer.train(build_pipeline)
     trainer.finish(build_pipeline)

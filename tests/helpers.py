@@ -265,12 +265,14 @@ def tiny_family_call_kwargs(family: str) -> dict:
     return dict(prompt="a photo of a red cat", height=32, width=48, use_resolution_binning=False, **GENERATE)
 
 
-def train_on_fixed_batch(model: torch.nn.Module, compute_loss, batch: dict, steps: int) -> list[float]:
-    """`steps` AdamW steps (lr 1e-3) of a training script's `compute_loss` on one batch with the same random draws
-    every step; returns the losses."""
+def train_on_fixed_batch(
+    model: torch.nn.Module, compute_loss, batch: dict, steps: int, optimizer: torch.optim.Optimizer | None = None
+) -> list[float]:
+    """`steps` steps of `optimizer` (default AdamW, lr 1e-3) of a training script's `compute_loss` on one batch with
+    the same random draws every step; returns the losses."""
     from diffusers_microdit.training.trainer import BatchRandomness
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch_size = len(batch["latents"])
     losses = []
     for _ in range(steps):

@@ -236,7 +236,7 @@ def test_student_init_from_continues_a_previous_student(distilled, workspace, tm
         (("--lambda_variance", "nan"), "--lambda_variance must be a finite number"),
         (("--caption_dropout", "1"), "--caption_dropout must be in [0, 1)"),
         (("--linear_attention_heads", "0"), "--linear_attention_heads must be >= 1"),
-        (("--aspect_ratio_buckets", "300"), "--aspect_ratio_buckets must be one of [256, 512, 1024, 2048]"),
+        (("--aspect_ratio_buckets", "300"), "--aspect_ratio_buckets must be one of [256, 512, 1024, 2048, 4096]"),
         (("--student_init_from", "/no/such/run"), "has no transformer/ folder"),
     ],
 )

@@ -293,7 +293,7 @@ def test_kv_layers_out_of_range_are_refused_when_loading(workspace, tmp_path):
         (("--kv_compress_layers", "deep"), '--kv_compress_layers takes block indices or "deeper_half"'),
         (("--kv_compress_layers", "1", "--kv_compress_ratio", "1"), "--kv_compress_ratio must be >= 2"),
         (("--caption_dropout", "1"), "--caption_dropout must be in [0, 1)"),
-        (("--aspect_ratio_buckets", "300"), "--aspect_ratio_buckets must be one of [256, 512, 1024, 2048]"),
+        (("--aspect_ratio_buckets", "300"), "--aspect_ratio_buckets must be one of [256, 512, 1024, 2048, 4096]"),
         (("--aspect_ratio_buckets", "512", "--resolution", "256"), "contradicts --aspect_ratio_buckets 512"),
         (("--aspect_ratio_buckets", "512", "--streaming"), "--aspect_ratio_buckets cannot stream"),
     ],

@@ -38,6 +38,8 @@ logger = logging.get_logger(__name__)
 VALUE_CONV_KERNEL_SIZE = 5
 VALUE_CONV_CHANNELS = ("head_dim", "inner_dim")
 VALUE_CONV_INITS = ("default", "zeros")
+# Tokens per float32 scratch block of the in-place linear attention (`linear_attention_`).
+SCRATCH_CHUNK_TOKENS = 256
 
 
 def _is_self_attention_key(key: str) -> bool:
@@ -61,6 +63,90 @@ def linear_attention(
     key_mean = k.mean(dim=-2, keepdim=True)  # (B, heads, 1, d)
     out = (q @ key_value) / ((q * key_mean).sum(dim=-1, keepdim=True) + eps)
     return out.transpose(1, 2).flatten(2).to(query.dtype)
+
+
+def _token_chunks(tokens: int):
+    """Slices of `SCRATCH_CHUNK_TOKENS` consecutive tokens covering `tokens`."""
+    return (slice(start, start + SCRATCH_CHUNK_TOKENS) for start in range(0, tokens, SCRATCH_CHUNK_TOKENS))
+
+
+def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float32, or the tensor's dtype when it is wider (float64)."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def _normalised_summaries(
+    key: torch.Tensor, value: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 (float64 for float64) summaries of one head's (tokens, head_dim) φ(key) and value, scaled.
+
+    Returns `(Σ_j φ(k_j) v_jᵀ, Σ_j φ(k_j), N·ε)` times `1 / max Σ_j φ(k_j)`: the ratio `out` is unchanged by
+    the common scale, and the scaled key sum is at most 1 and `|summary| ≤ max |v|` at any token count, so the
+    products with a low-precision query stay in range.
+    """
+    tokens, accumulate = key.shape[0], _accumulation_dtype(key)
+    if key.dtype != torch.float16:  # float32's exponent range (bfloat16 too): sums over all tokens cannot overflow
+        key_value, key_sum = (key.T @ value).to(accumulate), key.sum(dim=0).to(accumulate)
+    else:  # float16 sums over all tokens can overflow: add float32 sums of token chunks
+        key_value = key_sum = 0
+        for rows in _token_chunks(tokens):
+            chunk = key[rows].float()
+            key_value = key_value + chunk.T @ value[rows].float()
+            key_sum = key_sum + chunk.sum(dim=0)
+    scale = 1 / key_sum.amax().clamp_min(tokens * eps)
+    return key_value.mul_(scale), key_sum.mul_(scale), tokens * eps * scale
+
+
+def _fits_float16(query: torch.Tensor, key_value: torch.Tensor) -> bool:
+    """Whether no product of one head's φ(query) with its normalised summary can overflow float16 (2x margin).
+
+    Each output entry is at most the query's row sum times the largest summary entry, and the normaliser at most
+    the row sum (the scaled key sum is at most 1), whatever the token count.
+    """
+    row_sum = query.sum(dim=1, dtype=torch.float32).amax()
+    return (row_sum * key_value.abs().amax().clamp_min(1)).item() <= torch.finfo(torch.float16).max / 2
+
+
+def _attend_one_head_(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, eps: float) -> None:
+    """One head of [`linear_attention_`] on (tokens, head_dim) views of φ(q), φ(k) and v: the output overwrites
+    `key`. Its own function so that its summary is freed before the next head's is built."""
+    key_value, key_sum, scaled_eps = _normalised_summaries(key, value, eps)
+    if query.dtype == torch.float16 and not _fits_float16(query, key_value):
+        logger.info("LiT linear attention: float16 activations too large for float16 products; this head is "
+                    "computed in float32.")
+        key.copy_(linear_attention(query[None], key[None], value[None], 1, eps)[0])
+        return
+    torch.mm(query, key_value.to(query.dtype), out=key)  # this head's keys are used up
+    for rows in _token_chunks(key.shape[0]):
+        normaliser = (query[rows].to(key_sum.dtype) @ key_sum).add_(scaled_eps).reciprocal_()
+        key[rows] = key[rows] * normaliser[:, None]
+
+
+def linear_attention_(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, eps: float = 1e-6
+) -> torch.Tensor:
+    """[`linear_attention`] for inference, in place and in the inputs' dtype: the output overwrites `key`.
+
+    Nothing token-sized is allocated: `query` and `key` become φ(query) and the output (which is returned), one
+    head's float32 `head_dim x head_dim` summary exists at a time, and the float32 scratch is at most
+    `SCRATCH_CHUNK_TOKENS` tokens. Inputs are (batch, tokens, channels) tensors or views with unit channel stride
+    that no autograd graph needs.
+
+    In float16/bfloat16 the summaries are normalised (see `_normalised_summaries`), so every value stays bounded at
+    any token count; the sums accumulate in float32 and the normaliser is applied in float32. Fallback: when a
+    float16 product could still overflow (a query row sum times the largest normalised summary entry above half the
+    float16 maximum: activations in the hundreds), that head of that sample is computed by [`linear_attention`]
+    with float32 copies of its slices, and an info message is logged. bfloat16 and float32 have float32's range
+    and never fall back.
+    """
+    query.relu_()
+    key.relu_()
+    batch, _, dim = query.shape
+    head_dim = dim // heads
+    for b in range(batch):
+        for columns in (slice(h * head_dim, (h + 1) * head_dim) for h in range(heads)):
+            _attend_one_head_(query[b, :, columns], key[b, :, columns], value[b, :, columns], eps)
+    return key
 
 
 class LiTValueConv(nn.Conv2d, TokenGridModule):
@@ -99,10 +185,13 @@ class LiTValueConv(nn.Conv2d, TokenGridModule):
 
     def forward(self, value: torch.Tensor, height: int, width: int) -> torch.Tensor:
         batch, tokens, dim = value.shape
-        grid = value.transpose(1, 2).reshape(batch, dim, height, width)
-        if self.channels == "head_dim":  # heads become batch entries, so they share the filters
-            grid = grid.reshape(batch * self.heads, dim // self.heads, height, width)
-        return super().forward(grid).reshape(batch, dim, tokens).transpose(1, 2)
+        # (batch, tokens, channels) already is the channels-last layout of the (batch, channels, h, w) grid: a view.
+        grid = value.unflatten(1, (height, width)).permute(0, 3, 1, 2)
+        weight, bias = self.weight, self.bias
+        if self.channels == "head_dim":  # every head's channels get the same filters
+            weight, bias = weight.repeat(self.heads, 1, 1, 1), bias.repeat(self.heads)
+        local = F.conv2d(grid, weight, bias, self.stride, self.padding, self.dilation, groups=dim)
+        return local.permute(0, 2, 3, 1).reshape(batch, tokens, dim)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, heads={self.heads}, channels={self.channels!r}, init={self.init!r}"
@@ -115,6 +204,10 @@ class LiTLinearAttnProcessor:
     Needs the token grid (`height`, `width`); [`LiTTransformer2DModel`] passes it. A replacement processor for
     [`LiTLinearAttention`] modules must accept `height` and `width` keyword arguments too. Reads the fused `to_qkv`
     projection when the module has one (`fuse_qkv_projections`); the value conv then sees the same V slice.
+
+    When autograd needs the projections (training) it runs the differentiable [`linear_attention`]; otherwise
+    [`linear_attention_`], which works in place in the model's dtype and frees each projection once it is used, so
+    the layer's peak is about three (batch, tokens, channels) tensors (diffusers' SDPA processor holds about five).
     """
 
     def __call__(
@@ -146,8 +239,14 @@ class LiTLinearAttnProcessor:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        out = linear_attention(query, key, value, attn.heads, attn.linear_attention_eps)
-        out = out + attn.value_conv(value, height, width)
+        if query.requires_grad or key.requires_grad or value.requires_grad:
+            out = linear_attention(query, key, value, attn.heads, attn.linear_attention_eps)
+            out = out + attn.value_conv(value, height, width)
+        else:  # inference: the projections are ours to overwrite, and each is freed once it is used
+            out = linear_attention_(query, key, value, attn.heads, attn.linear_attention_eps)
+            del query, key
+            out += attn.value_conv(value, height, width)
+            del value
         return attn.to_out[1](attn.to_out[0](out))
 
 

@@ -16,6 +16,7 @@ The only new parameters are `transformer_blocks.{i}.attn1.kv_compress.{conv,norm
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 from typing import Iterable
@@ -176,10 +177,17 @@ class PixArtKVAttnProcessor2_0:
     Works with fused projections (`fuse_qkv_projections`).
 
     A custom processor receives `height`/`width` by declaring them as `__call__` parameters (see `pixart_grid`).
+
+    `fp32_attention=True` is the original PixArt-Σ's `fp32_attention=True` of its fp16 recipe ("necessary for NAN
+    loss"): query, key and value are cast to float32 after the projections (and KV compression) and the attention
+    runs with autocast off, which would cast them back; the projections keep the autocast precision.
     """
 
     _attention_backend = None
     _parallel_config = None
+
+    def __init__(self, fp32_attention: bool = False):
+        self.fp32_attention = fp32_attention
 
     def __call__(
         self,
@@ -223,6 +231,9 @@ class PixArtKVAttnProcessor2_0:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        dtype = query.dtype
+        if self.fp32_attention:
+            query, key, value = query.float(), key.float(), value.float()
 
         if attention_mask is not None:
             if attention_mask.ndim == 2:  # (B, L) -> (B, 1, 1, L)
@@ -235,16 +246,18 @@ class PixArtKVAttnProcessor2_0:
                 attention_mask = attention_mask.to(query.dtype)
 
         scale = None if attn.scale == query.shape[-1] ** -0.5 else attn.scale
-        out = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            scale=scale,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        out = out.flatten(2, 3).to(query.dtype)
+        # Autocast would cast float32 q, k, v back down for the attention kernel.
+        with torch.autocast(query.device.type, enabled=False) if self.fp32_attention else contextlib.nullcontext():
+            out = dispatch_attention_fn(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                scale=scale,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+        out = out.flatten(2, 3).to(dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual

@@ -24,16 +24,20 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import (
     PixArtSigmaPipeline,
     retrieve_timesteps,
 )
+from diffusers.pipelines.sana.pipeline_sana import ASPECT_RATIO_4096_BIN
 
 from ..loaders.lora import TransformerLoraLoaderMixin
 from .input_checks import check_finite_latents, check_latents_shape, check_sampling_inputs
 
-# Transformer `sample_size` (latent side) -> the aspect-ratio bins of that resolution, as diffusers' PixArt-Σ uses.
+# The package's one table of aspect-ratio bins (pipeline binning, training buckets, script checks): base size in
+# pixels -> {"height/width": [height, width]}. Each size's bins are the previous size's doubled (diffusers' 2048
+# table adds 7 ratios to the 33 of 256-1024), and Sana's 4096 table is exactly the 2048 one doubled, so it is reused.
 ASPECT_RATIO_BINS = {
-    32: ASPECT_RATIO_256_BIN,
-    64: ASPECT_RATIO_512_BIN,
-    128: ASPECT_RATIO_1024_BIN,
-    256: ASPECT_RATIO_2048_BIN,
+    256: ASPECT_RATIO_256_BIN,
+    512: ASPECT_RATIO_512_BIN,
+    1024: ASPECT_RATIO_1024_BIN,
+    2048: ASPECT_RATIO_2048_BIN,
+    4096: ASPECT_RATIO_4096_BIN,
 }
 
 
@@ -168,15 +172,18 @@ class PixArtSigmaFamilyPipeline(PixArtSigmaPipeline, TransformerLoraLoaderMixin)
         return batch_size
 
     def binned_size(self, height: int, width: int) -> tuple[int, int]:
-        """The trained aspect-ratio bin nearest to `height` x `width` for this transformer's resolution."""
+        """The trained aspect-ratio bin nearest to `height` x `width` for this transformer's resolution, its native
+        size in pixels (`sample_size` x VAE scale factor: 128 -> 1024 px, 512 -> 4096 px with the SDXL VAE)."""
         sample_size = self.transformer.config.sample_size
-        if sample_size not in ASPECT_RATIO_BINS:
+        base_size = sample_size * self.vae_scale_factor
+        if base_size not in ASPECT_RATIO_BINS:
             raise ValueError(
-                f"Resolution binning has bins for transformers of sample_size {sorted(ASPECT_RATIO_BINS)} (256-2048 "
-                f"px); this one has {sample_size}. Pass use_resolution_binning=False and a height/width that are "
-                f"multiples of {self.vae_scale_factor * self.transformer.config.patch_size}."
+                f"Resolution binning has bins for models of {sorted(ASPECT_RATIO_BINS)} px; this transformer samples "
+                f"{base_size} px (sample_size {sample_size} x VAE scale factor {self.vae_scale_factor}). Pass "
+                f"use_resolution_binning=False and a height/width that are multiples of "
+                f"{self.vae_scale_factor * self.transformer.config.patch_size}."
             )
-        return self.image_processor.classify_height_width_bin(height, width, ratios=ASPECT_RATIO_BINS[sample_size])
+        return self.image_processor.classify_height_width_bin(height, width, ratios=ASPECT_RATIO_BINS[base_size])
 
     @torch.no_grad()
     def __call__(

@@ -11,7 +11,11 @@ from accelerate.utils import DynamoBackend
 from diffusers.optimization import SchedulerType
 
 from ..integrity import check_local_folder
-from .sources import ASPECT_RATIO_BINS, ImagePreparation
+from ..pipelines.pipeline_pixart_sigma_family import ASPECT_RATIO_BINS
+from .data import REAL_CAPTION_RATIO, caption_column_names
+from .budget import BUDGET_FLAGS
+from .optimizers import add_optimizer_args, optimizer_problems
+from .sources import ImagePreparation
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, learning_rate: float, weight_decay: float) -> None:
@@ -52,7 +56,22 @@ def add_training_args(parser: argparse.ArgumentParser, *, learning_rate: float, 
     run.add_argument("--seed", type=int, default=0, help="Seeds initialisation, data order and every noise draw.")
     run.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
     run.add_argument("--num_train_epochs", type=int, default=1)
-    run.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides epochs.")
+    run.add_argument(
+        "--max_train_steps", type=int, default=None,
+        help="Optimizer steps. The run's length is set by exactly one of this, --max_train_minutes and "
+        "--max_train_budget_usd (each overrides --num_train_epochs).",
+    )
+    run.add_argument(
+        "--max_train_minutes", type=float, default=None,
+        help="Wall-clock training budget instead of --max_train_steps: a few steps are timed after warm-up and the "
+        "step count that ends within the budget becomes the run's --max_train_steps (LR schedule included); a resumed "
+        "run keeps that count.",
+    )
+    run.add_argument(
+        "--max_train_budget_usd", type=float, default=None,
+        help="Training budget in dollars instead of --max_train_steps: --max_train_minutes of what it pays for on "
+        "this launch's devices at --gpu_hour_cost per device-hour.",
+    )
     run.add_argument("--gradient_accumulation_steps", type=int, default=1)
     run.add_argument(
         "--global_batch_size", type=int, default=None,
@@ -74,6 +93,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, learning_rate: float, 
     run.add_argument("--adam_beta2", type=float, default=0.999)
     run.add_argument("--adam_weight_decay", type=float, default=weight_decay)
     run.add_argument("--adam_epsilon", type=float, default=1e-8)
+    add_optimizer_args(run)
     run.add_argument(
         "--max_grad_norm", type=optional_float, default=1.0, help='Gradient-norm clipping threshold; "none" turns it off.'
     )
@@ -132,7 +152,11 @@ def add_image_caption_source_args(group) -> None:
     group.add_argument("--dataset_split", default="train")
     group.add_argument("--train_data_dir", default=None, help="Image folder with metadata.jsonl captions.")
     group.add_argument("--image_column", default="image")
-    group.add_argument("--caption_column", default="text")
+    group.add_argument(
+        "--caption_column", default="text",
+        help="Caption column; two names separated by a comma (e.g. text,vlm_text) encode both captions, the real "
+        "one and an alternative one, for the scripts that mix them (--real_caption_ratio).",
+    )
     group.add_argument(
         "--max_samples", "--max_train_samples", dest="max_samples", type=int, default=None,
         help="Use only the first N rows.",
@@ -153,6 +177,44 @@ def add_image_caption_source_args(group) -> None:
 def image_preparation(args: argparse.Namespace) -> ImagePreparation:
     """The `ImagePreparation` of the raw-data flags."""
     return ImagePreparation(args.center_crop, args.random_flip, args.min_image_size)
+
+
+def add_pixart_recipe_args(group) -> None:
+    """PixArt-Σ's own recipe options for the PixArt-Σ-family scripts: `--real_caption_ratio` (train on one of two
+    captions per image, the original and a VLM's; the other scripts refuse two caption columns) and
+    `--fp32_attention`."""
+    group.add_argument(
+        "--real_caption_ratio", type=float, default=None,
+        help="With two captions per image (--caption_column REAL,OTHER, or a cache precomputed so): the probability "
+        "that a sample trains on its real (first) caption rather than the other, drawn per sample from --seed and "
+        f"the step, so a resumed run draws the same. Default {REAL_CAPTION_RATIO} (PixArt-Sigma's real_prompt_ratio).",
+    )
+    group.add_argument(
+        "--fp32_attention", action="store_true",
+        help="Compute every softmax attention (self and cross) from float32 queries, keys and values, outside "
+        "autocast, while the rest trains in --mixed_precision: the original's fp32_attention=True of its fp16 "
+        "recipe, against NaN losses. Without mixed precision it changes nothing.",
+    )
+
+
+def caption_column_problems(args: argparse.Namespace) -> list[str]:
+    """A `--caption_column` of at most two names, two only in scripts that mix captions; a `--real_caption_ratio`
+    given for raw data of one caption column (a cache's captions are checked when it is loaded)."""
+    try:
+        names = caption_column_names(args.caption_column)
+    except ValueError as error:
+        return [str(error)]
+    mixes = hasattr(args, "real_caption_ratio")
+    if len(names) == 2 and not mixes:
+        return [
+            f"This script trains on one caption per image: give --caption_column one column, not {args.caption_column!r}."
+        ]
+    raw = args.dataset_name or args.train_data_dir
+    if raw and len(names) == 1 and mixes and args.real_caption_ratio is not None:
+        return [
+            "--real_caption_ratio mixes two captions per image: give --caption_column REAL,OTHER (e.g. text,vlm_text)."
+        ]
+    return []
 
 
 def add_aspect_ratio_bucket_arg(group) -> None:
@@ -211,11 +273,14 @@ _RANGES = {
     "min_image_size": (lambda v: v >= 1, ">= 1 (pixels)"),
     "p_std": (lambda v: v > 0, "> 0"),
     "caption_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "real_caption_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "train_batch_size": (lambda v: v >= 1, ">= 1"),
     "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
     "checkpointing_steps": (lambda v: v >= 1, ">= 1"),
     "validation_steps": (lambda v: v >= 1, ">= 1"),
     "max_train_steps": (lambda v: v >= 1, ">= 1"),
+    "max_train_minutes": (lambda v: v > 0, "> 0"),
+    "max_train_budget_usd": (lambda v: v > 0, "> 0"),
     "global_batch_size": (lambda v: v >= 1, ">= 1"),
     "checkpoints_total_limit": (lambda v: v >= 1, ">= 1 (or leave it out to keep every checkpoint)"),
 }
@@ -233,6 +298,20 @@ def numeric_flag_problems(args: argparse.Namespace) -> list[str]:
             test, rule = _RANGES[name]
             if not test(value):
                 problems.append(f"--{name} must be {rule}, got {value}.")
+    return problems
+
+
+def run_length_problems(args: argparse.Namespace) -> list[str]:
+    """At most one of --max_train_steps and the budget flags sets the length; dollars need a price to be minutes."""
+    given = [f"--{flag}" for flag in ("max_train_steps", *BUDGET_FLAGS) if getattr(args, flag) is not None]
+    problems = []
+    if len(given) > 1:
+        problems.append(
+            "Give one of --max_train_steps, --max_train_minutes and --max_train_budget_usd (it sets the run's "
+            f"length), not {' and '.join(given)}."
+        )
+    if args.max_train_budget_usd is not None and not args.gpu_hour_cost > 0:
+        problems.append("--max_train_budget_usd needs --gpu_hour_cost (dollars per device-hour, > 0) to be minutes.")
     return problems
 
 
@@ -259,12 +338,14 @@ def check_training_args(args: argparse.Namespace, script_problems: list[str] = (
     for path in args.precomputed_dataset or []:
         if not Path(path).is_dir():
             errors.append(f"--precomputed_dataset {path} is not a folder.")
+    errors += run_length_problems(args)
     if args.global_batch_size is not None and args.gradient_accumulation_steps != 1:
         errors.append("Give --global_batch_size or --gradient_accumulation_steps, not both.")
     if args.resume_optimizer_state and not Path(str(args.pretrained_model_name_or_path), "pipeline").is_dir():
         errors.append("--resume_optimizer_state needs --init_from to be a previous run's --output_dir (its checkpoints).")
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         errors.append(f'--resume_from_checkpoint {args.resume_from_checkpoint} is not a folder (or use "latest").')
+    errors += optimizer_problems(args) + caption_column_problems(args)
     errors += script_problems
     if errors:
         raise SystemExit("Invalid arguments:\n  " + "\n  ".join(errors))

@@ -106,8 +106,16 @@ class CostMeter:
         """(device-hours, dollars) to train on `num_images` images at the measured throughput."""
         if not self.images_per_second:
             return float("nan"), float("nan")
-        hours = num_images / self.images_per_second / 3600 * self.num_devices
-        return hours, hours * self.gpu_hour_cost
+        seconds = num_images / self.images_per_second
+        return seconds / 3600 * self.num_devices, self.dollars_of(seconds)
+
+    def dollars_of(self, wall_seconds: float) -> float:
+        """Dollars of `wall_seconds` of the run on all its devices at `gpu_hour_cost` per device-hour."""
+        return wall_seconds / 3600 * self.num_devices * self.gpu_hour_cost
+
+    def wall_seconds_for(self, dollars: float) -> float:
+        """Wall-clock seconds of the run that `dollars` pay for on all its devices (the inverse of `dollars_of`)."""
+        return dollars / (self.gpu_hour_cost * self.num_devices) * 3600
 
     def as_dict(self, planned_images: int) -> dict[str, object]:
         """The figures of `summary` as a table for the model card."""

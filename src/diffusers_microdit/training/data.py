@@ -34,6 +34,49 @@ SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".parquet"
 SHARD_GLOB = f"{SHARD_PREFIX}*{SHARD_SUFFIX}"
 
 
+# A second caption per image (PixArt-Σ trains on the original caption or a VLM's, `real_prompt_ratio`): its cache
+# columns are the first caption's with this prefix (`alt_caption`, `alt_prompt_embeds`, `alt_prompt_attention_mask`).
+ALT_CAPTION_PREFIX = "alt_"
+REAL_CAPTION_RATIO = 0.5  # PixArt-Σ's real_prompt_ratio: half the samples train on the real caption
+
+
+def caption_column_names(value: str) -> list[str]:
+    """The source columns of a `--caption_column` value: one name, or two separated by a comma (`text,vlm_text`),
+    the real caption and an alternative one, both encoded into the cache."""
+    names = [name.strip() for name in value.split(",")]
+    if len(names) > 2 or not all(names) or len(set(names)) < len(names):
+        raise ValueError(
+            f"--caption_column takes one column, or two different ones separated by a comma (the real caption and "
+            f"an alternative one, e.g. text,vlm_text), got {value!r}."
+        )
+    return names
+
+
+def alt_caption_column(column: str) -> str:
+    """Cache column of the second caption's `column` ("caption", "prompt_embeds", "prompt_attention_mask")."""
+    return ALT_CAPTION_PREFIX + column
+
+
+def has_alt_captions(dataset) -> bool:
+    """Whether training rows hold a second caption's embeddings (a cache encoded from two caption columns)."""
+    return alt_caption_column("prompt_embeds") in (dataset.column_names or [])
+
+
+def caption_mixing_ratio(dataset, real_caption_ratio: float | None) -> float | None:
+    """The probability that a sample trains on its real (first) caption: `real_caption_ratio`, by default
+    `REAL_CAPTION_RATIO`, when the rows hold two captions; None (nothing to mix) when they hold one, where asking
+    for a ratio is refused."""
+    if has_alt_captions(dataset):
+        return REAL_CAPTION_RATIO if real_caption_ratio is None else real_caption_ratio
+    if real_caption_ratio is not None:
+        raise SystemExit(
+            "--real_caption_ratio mixes two captions per image, but the training data has one: encode it with "
+            "--caption_column REAL,OTHER (e.g. text,vlm_text; precompute_embeddings.py takes the same flag), or drop "
+            "--real_caption_ratio."
+        )
+    return None
+
+
 def shard_name(index: int) -> str:
     """File name of shard `index` (its statistics file adds `.json`, a write in progress `.tmp`)."""
     return f"{SHARD_PREFIX}{index:05d}{SHARD_SUFFIX}"
@@ -231,8 +274,10 @@ def _load_cache(cache_dir: str, streaming: bool) -> datasets.Dataset | datasets.
 
 
 def _select_training_columns(dataset, renames: dict[str, str]):
-    """The latent columns (renamed) and the caption embeddings (and mask, if cached)."""
-    keep = [*renames, "prompt_embeds"] + [c for c in ("prompt_attention_mask",) if c in dataset.column_names]
+    """The latent columns (renamed) and the caption embeddings (and mask, and the second caption's, if cached)."""
+    captions = ("prompt_embeds", "prompt_attention_mask")
+    optional = ("prompt_attention_mask", *map(alt_caption_column, captions))
+    keep = [*renames, "prompt_embeds"] + [c for c in optional if c in dataset.column_names]
     dataset = dataset.select_columns(keep)
     for old, new in renames.items():
         dataset = dataset.rename_column(old, new)
@@ -246,6 +291,11 @@ def mix_sources(sources: list, probabilities: list[float] | None, seed: int):
     "all_exhausted"), so a small source is repeated as often as its probability asks."""
     if probabilities is not None and len(probabilities) != len(sources):
         raise ValueError(f"Got {len(probabilities)} probabilities for {len(sources)} datasets; give one per dataset.")
+    if len({has_alt_captions(source) for source in sources}) > 1:
+        raise ValueError(
+            "Some of the caches hold two captions per image and some one: encode them all with the same number of "
+            "--caption_column names."
+        )
     if len(sources) == 1:
         mixed = sources[0]
     elif probabilities is None:
@@ -327,11 +377,42 @@ def collate_bucketed(rows: list[dict]) -> dict[str, torch.Tensor]:
     return {"latents": latents, **torch.utils.data.default_collate(rest)}
 
 
+# Caches whose rows take up to this much as tensors are held in memory: formatting rows from Arrow one at a time
+# costs a small model about 13 % of its step (benchmarks/bench_training_loop.py).
+IN_MEMORY_ROWS_MAX_BYTES = 2 * 1024**3
+
+
+class InMemoryRows(torch.utils.data.Dataset):
+    """A torch-formatted `datasets.Dataset` of fixed-shape columns, formatted once into whole-column tensors: row i
+    is `dataset[i]` (same values, dtypes and shapes) without per-row Arrow decoding."""
+
+    def __init__(self, dataset: datasets.Dataset):
+        self.columns = dataset[:]
+        self.column_names = list(self.columns)
+        self.num_rows = len(dataset)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: column[index] for name, column in self.columns.items()}
+
+
+def in_memory_rows(dataset, max_bytes: int = IN_MEMORY_ROWS_MAX_BYTES):
+    """`InMemoryRows` of a map-style dataset whose rows take at most `max_bytes` as tensors; a larger or streamed
+    one as it is (read from its memory-mapped or streamed shards)."""
+    if not isinstance(dataset, datasets.Dataset):
+        return dataset
+    row_bytes = sum(value.nbytes for value in dataset[0].values())
+    return InMemoryRows(dataset) if row_bytes * len(dataset) <= max_bytes else dataset
+
+
 def load_training_data(args, resolution: int, pipeline, transformer, cache_dirs: list[str]) -> tuple:
     """(dataset, collate_fn, batch_sampler) for `DiffusionTrainer.prepare` from a script's data flags: square
     latents of `resolution` px, or with `--aspect_ratio_buckets` bucketed latents batched one bucket at a time, read
     from `cache_dirs` (`precompute.training_caches`). Each must have been encoded by `pipeline`'s VAE and text
-    encoder, in the shapes `transformer` takes: checked here, before any step."""
+    encoder, in the shapes `transformer` takes: checked here, before any step. Square latents of a cache up to
+    `IN_MEMORY_ROWS_MAX_BYTES` come as `InMemoryRows`."""
     for cache_dir in cache_dirs:
         check_cache_matches(cache_dir, pipeline)
     if getattr(args, "aspect_ratio_buckets", None) is None:
@@ -339,7 +420,7 @@ def load_training_data(args, resolution: int, pipeline, transformer, cache_dirs:
             cache_dirs, resolution, args.precomputed_dataset_probabilities, args.streaming, args.seed
         )
         check_row_fits(next(iter(dataset)), transformer)
-        return dataset, None, None
+        return in_memory_rows(dataset), None, None
     dataset = load_precomputed_buckets(
         cache_dirs, args.aspect_ratio_buckets, args.precomputed_dataset_probabilities, args.seed
     )

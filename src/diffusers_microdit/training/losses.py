@@ -12,6 +12,7 @@ from accelerate.utils import extract_model_from_parallel
 from diffusers import DDPMScheduler, EDMEulerScheduler
 
 from ..models.transformer_microdit import MicroDiTTransformer2DModel, get_random_keep_ids
+from .data import alt_caption_column
 
 
 def sample_edm_sigmas(
@@ -313,10 +314,20 @@ class PixArtTrainingInputs(NamedTuple):
 
 
 def draw_pixart_training_inputs(
-    batch: dict, draws, num_timesteps: int, null_embeds: torch.Tensor, null_mask: torch.Tensor, caption_dropout: float
+    batch: dict,
+    draws,
+    num_timesteps: int,
+    null_embeds: torch.Tensor,
+    null_mask: torch.Tensor,
+    caption_dropout: float,
+    real_caption_ratio: float | None = None,
 ) -> PixArtTrainingInputs:
     """Uniform timesteps, Gaussian noise and caption dropout (to the pipeline's unconditional caption `null_embeds`,
-    `null_mask`) for a batch of the cache, all drawn for the global batch from `draws` (a `BatchRandomness`)."""
+    `null_mask`) for a batch of the cache, all drawn for the global batch from `draws` (a `BatchRandomness`).
+
+    With `real_caption_ratio` the batch holds two captions per sample (`data.alt_caption_column`) and each sample
+    trains on its real (first) one with that probability, else on the other (PixArt-Σ's `real_prompt_ratio`);
+    dropout then applies to the chosen caption."""
     latents = batch["latents"].to(draws.device, torch.float32)
     embeds = batch["prompt_embeds"].to(draws.device, torch.float32)
     mask = batch["prompt_attention_mask"].to(draws.device, torch.long)
@@ -324,20 +335,33 @@ def draw_pixart_training_inputs(
     timesteps = draws.local(torch.randint(0, num_timesteps, (n,), generator=draws.generator))
     noise = draws.local(torch.randn(n, *latents.shape[1:], generator=draws.generator))
     drop = draws.local(torch.rand(n, generator=draws.generator) < caption_dropout)
+    if real_caption_ratio is not None:  # drawn last, so that one-caption runs keep their draws
+        real = draws.local(torch.rand(n, generator=draws.generator) < real_caption_ratio)
+        alt_embeds = batch[alt_caption_column("prompt_embeds")].to(draws.device, torch.float32)
+        alt_mask = batch[alt_caption_column("prompt_attention_mask")].to(draws.device, torch.long)
+        embeds = torch.where(real.view(-1, 1, 1), embeds, alt_embeds)
+        mask = torch.where(real.view(-1, 1), mask, alt_mask)
     embeds = torch.where(drop.view(-1, 1, 1), null_embeds.to(draws.device), embeds)
     mask = torch.where(drop.view(-1, 1), null_mask.to(draws.device), mask)
     return PixArtTrainingInputs(latents, embeds, mask, timesteps, noise)
 
 
 def pixart_objective(
-    noise_scheduler: DDPMScheduler, null_embeds: torch.Tensor, null_mask: torch.Tensor, caption_dropout: float = 0.1
+    noise_scheduler: DDPMScheduler,
+    null_embeds: torch.Tensor,
+    null_mask: torch.Tensor,
+    caption_dropout: float = 0.1,
+    real_caption_ratio: float | None = None,
 ):
     """PixArt-Σ's training objective as a `compute_loss(model, batch, draws)` for `DiffusionTrainer`: inputs from
-    `draw_pixart_training_inputs`, then `pixart_sigma_loss` (epsilon MSE + variational bound)."""
+    `draw_pixart_training_inputs` (caption mixing with `real_caption_ratio`), then `pixart_sigma_loss` (epsilon MSE
+    + variational bound)."""
     num_timesteps = noise_scheduler.config.num_train_timesteps
 
     def compute_loss(model, batch, draws) -> torch.Tensor:
-        inputs = draw_pixart_training_inputs(batch, draws, num_timesteps, null_embeds, null_mask, caption_dropout)
+        inputs = draw_pixart_training_inputs(
+            batch, draws, num_timesteps, null_embeds, null_mask, caption_dropout, real_caption_ratio
+        )
         loss, _ = pixart_sigma_loss(model, noise_scheduler, *inputs)
         return loss
 

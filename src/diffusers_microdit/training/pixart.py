@@ -1,11 +1,19 @@
 """What every PixArt-Σ-family training script shares (KV finetuning, LiT distillation, LoRA): the DDPM noise
-scheduler, the unconditional caption for caption dropout, and moving a model to a new resolution."""
+scheduler, the unconditional caption for caption dropout, moving a model to a new resolution, and float32
+attention for mixed-precision training."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import DDPMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.models.embeddings import PatchEmbed
+
+from ..models.transformer_lit import LiTLinearAttnProcessor
+from ..models.transformer_pixart_kv import PixArtKVAttnProcessor2_0
+
+# Softmax-attention processors of the PixArt-Σ family, all replaceable by `PixArtKVAttnProcessor2_0`.
+SOFTMAX_ATTENTION_PROCESSORS = (PixArtKVAttnProcessor2_0, AttnProcessor, AttnProcessor2_0)
 
 
 def training_noise_scheduler(pipeline: PixArtSigmaPipeline) -> DDPMScheduler:
@@ -42,3 +50,33 @@ def move_to_resolution(transformer: PixArtTransformer2DModel, resolution: int, v
     new.proj.load_state_dict(old.proj.state_dict())
     transformer.pos_embed = new.to(old.proj.weight.device)
     transformer.height = transformer.width = sample_size
+
+
+def use_fp32_attention(transformer: PixArtTransformer2DModel) -> int:
+    """The original PixArt-Σ's `fp32_attention=True` (its fp16 recipe): every softmax attention of `transformer`,
+    self- and cross-attention, computes from float32 query, key and value with autocast off
+    (`PixArtKVAttnProcessor2_0(fp32_attention=True)`, set with `set_attn_processor`; KV compression is kept), while
+    the projections train in the mixed precision. The original upcasts its self-attention; here the cross-attention
+    to the T5 tokens too. LiT's linear self-attention keeps its own processor (it has no softmax logits to
+    overflow). Returns the number of attention modules switched."""
+    processors = {}
+    for name, processor in transformer.attn_processors.items():
+        if isinstance(processor, SOFTMAX_ATTENTION_PROCESSORS):
+            processor = PixArtKVAttnProcessor2_0(fp32_attention=True)
+        elif not isinstance(processor, LiTLinearAttnProcessor):
+            raise ValueError(f"--fp32_attention cannot upcast {name}: its processor {type(processor).__name__} is not "
+                             "one of the PixArt-Sigma family's.")
+        processors[name] = processor
+    switched = sum(isinstance(p, PixArtKVAttnProcessor2_0) for p in processors.values())
+    transformer.set_attn_processor(processors)  # empties `processors`
+    return switched
+
+
+def recipe_summary(args) -> str:
+    """One line on a run's PixArt-Σ recipe options: optimizer, caption mixing, attention precision."""
+    if args.real_caption_ratio is None:
+        captions = "one caption per image"
+    else:
+        captions = f"the real caption with probability {args.real_caption_ratio}, else the second"
+    attention = "float32 softmax attention" if args.fp32_attention else "attention in the training precision"
+    return f"Optimizer {args.optimizer}; {captions}; {attention}"

@@ -22,11 +22,13 @@ from tqdm.auto import tqdm
 
 from .args import image_preparation
 from .data import (
+    ALT_CAPTION_PREFIX,
     CACHE_INFO,
     ENCODER_SETTINGS,
     SHARD_GLOB,
     bucket_latents_column,
     bucket_shape_column,
+    caption_column_names,
     encoder_settings,
     latents_column,
     settings_differences,
@@ -94,9 +96,10 @@ def encode_distinct_captions(pipeline, captions: list[str], batch_size: int) -> 
 
 
 def _cache_features(
-    latent_shapes: dict[str, tuple], embeds: dict[str, np.ndarray], bucket_sizes: Sequence[int] = ()
+    caption_columns: Sequence[str], latent_shapes: dict[str, tuple], embeds: dict[str, np.ndarray],
+    bucket_sizes: Sequence[int] = (),
 ) -> datasets.Features:
-    features = {"caption": datasets.Value("string")}
+    features = {column: datasets.Value("string") for column in caption_columns}
     for column, shape in latent_shapes.items():
         features[column] = datasets.Array3D(shape, "float16")
     for base_size in bucket_sizes:  # variable shapes: flat values plus the (C, H, W) shape
@@ -123,18 +126,26 @@ class CacheEncoding:
     seed: int
     images: ImagePreparation = ImagePreparation()
 
+    @property
+    def caption_prefixes(self) -> dict[str, str]:
+        """{source caption column: prefix of its cache columns}: none for the first (`caption`, `prompt_embeds`, ...),
+        `ALT_CAPTION_PREFIX` for a second one."""
+        return dict(zip(caption_column_names(self.caption_column), ("", ALT_CAPTION_PREFIX)))
+
 
 def read_rows(
     encoding: CacheEncoding, rows: list[dict], first_row: int, stats: dict
-) -> tuple[list[str], dict, dict]:
-    """Captions and pixels (per square resolution, per bucket base size) of the usable `rows` (source rows
-    `first_row`, `first_row + 1`, ...); rows without a caption, with an unreadable image or one smaller than
-    `--min_image_size` are counted in `stats` and skipped."""
-    captions, pixels = [], {r: [] for r in encoding.resolutions}
-    bucket_pixels = {b: [] for b in encoding.aspect_ratio_buckets}
+) -> tuple[dict[str, list[str]], dict, dict]:
+    """Captions (by cache column: `caption`, and `alt_caption` for a second caption column) and pixels (per square
+    resolution, per bucket base size) of the usable `rows` (source rows `first_row`, `first_row + 1`, ...); rows
+    without a caption (in either caption column), with an unreadable image or one smaller than `--min_image_size`
+    are counted in `stats` and skipped."""
+    prefixes = encoding.caption_prefixes
+    captions = {prefix + "caption": [] for prefix in prefixes.values()}
+    pixels, bucket_pixels = {r: [] for r in encoding.resolutions}, {b: [] for b in encoding.aspect_ratio_buckets}
     for position, row in enumerate(rows, first_row):
-        caption = row.get(encoding.caption_column)
-        if not isinstance(caption, str) or not caption.strip():
+        texts = {prefix + "caption": row.get(column) for column, prefix in prefixes.items()}
+        if not all(isinstance(text, str) and text.strip() for text in texts.values()):
             stats["skipped_no_caption"] += 1
             continue
         try:
@@ -147,7 +158,8 @@ def read_rows(
             stats["skipped_small"] += 1
             continue
         crop = encoding.images.crop_options(seeded_generator(encoding.seed, position))  # the same on a redo
-        captions.append(caption.strip())
+        for column, text in texts.items():
+            captions[column].append(text.strip())
         for resolution in encoding.resolutions:
             pixels[resolution].append(image_to_pixels(image, resolution, **crop))
         for base_size in encoding.aspect_ratio_buckets:
@@ -180,12 +192,16 @@ def _finite(latents):
 
 
 def save_shard(encoding: CacheEncoding, output_dir: Path, index: int, records: dict) -> None:
-    """Add the caption embeddings to `records` and write them as shard `index`, atomically (`.tmp`, then rename)."""
-    embeds = encode_distinct_captions(encoding.pipeline, records["caption"], encoding.batch_size)
-    records.update(embeds)
+    """Add the caption embeddings (of each caption column) to `records` and write them as shard `index`, atomically
+    (`.tmp`, then rename)."""
+    caption_columns = [prefix + "caption" for prefix in encoding.caption_prefixes.values()]
+    first_embeds = {}
+    for prefix in encoding.caption_prefixes.values():
+        embeds = encode_distinct_captions(encoding.pipeline, records[prefix + "caption"], encoding.batch_size)
+        for column, values in embeds.items():
+            records[prefix + column], first_embeds[prefix + column] = values, values[0]
     shapes = {latents_column(r): tuple(records[latents_column(r)][0].shape) for r in encoding.resolutions}
-    first_embeds = {column: values[0] for column, values in embeds.items()}
-    features = _cache_features(shapes, first_embeds, encoding.aspect_ratio_buckets)
+    features = _cache_features(caption_columns, shapes, first_embeds, encoding.aspect_ratio_buckets)
     tmp = output_dir / (shard_name(index) + ".tmp")
     datasets.Dataset.from_dict(dict(records), features=features).to_parquet(tmp)
     os.replace(tmp, output_dir / shard_name(index))
@@ -193,9 +209,10 @@ def save_shard(encoding: CacheEncoding, output_dir: Path, index: int, records: d
 
 def rows_digest(encoding: CacheEncoding, rows: list[dict]) -> str:
     """SHA-256 of source rows (captions and image bytes): a rerun on other data into the same folder differs here."""
-    digest = hashlib.sha256()
+    digest, caption_columns = hashlib.sha256(), list(encoding.caption_prefixes)
     for row in rows:
-        digest.update(repr(row.get(encoding.caption_column)).encode())
+        for column in caption_columns:  # one column hashes as before the second was possible
+            digest.update(repr(row.get(column)).encode())
         digest.update(hashlib.sha256(image_bytes(row.get(encoding.image_column))).digest())
     return digest.hexdigest()
 
@@ -211,12 +228,13 @@ def write_shard(
     for start in range(0, len(rows), encoding.batch_size):
         batch = rows[start : start + encoding.batch_size]
         captions, pixels, bucket_pixels = read_rows(encoding, batch, first_row + start, stats)
-        if not captions:
+        if not captions["caption"]:
             continue
         generator = seeded_generator(encoding.seed, index, start)  # same latents when a shard is redone
-        records["caption"].extend(captions)
+        for column, texts in captions.items():
+            records[column].extend(texts)
         encode_latents(encoding, pixels, bucket_pixels, generator, records)
-        stats["rows"] += len(captions)
+        stats["rows"] += len(captions["caption"])
     if records:
         save_shard(encoding, output_dir, index, records)
     (output_dir / (shard_name(index) + ".json")).write_text(json.dumps(stats))
@@ -260,6 +278,9 @@ def precompute_embeddings(
 ) -> dict:
     """Encode `source` into parquet shards of VAE latents (one column per resolution) and caption embeddings.
 
+    `caption_column` is one column, or two separated by a comma (`"text,vlm_text"`): the real caption and an
+    alternative one (PixArt-Σ's VLM captions), whose embeddings go to the `alt_`-prefixed columns; rows need both.
+
     `aspect_ratio_buckets` (base sizes of `ASPECT_RATIO_BINS`) adds, per base size, the latents of each image resized
     and cropped to its closest bucket (`bucket_latents_column`, flattened, with `bucket_shape_column`); `images` says
     how images are cropped, flipped and which are too small. `source_name` is recorded in `precompute.json`.
@@ -283,9 +304,12 @@ def precompute_embeddings(
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = encoder_settings(pipeline, resolutions, aspect_ratio_buckets)
     settings.update(encoder_dtype=str(pipeline.vae.dtype), images=asdict(images))
+    caption_columns = caption_column_names(caption_column)
+    if len(caption_columns) == 2:  # recorded only then, so that one-caption caches written before still resume
+        settings["captions_per_image"] = 2
     _check_resumable(output_dir, settings)
     columns = set(source.column_names or [])
-    if columns and not {image_column, caption_column} <= columns:
+    if columns and not {image_column, *caption_columns} <= columns:
         raise ValueError(
             f"The dataset has columns {sorted(columns)}; pass the image and caption column names with "
             f"--image_column / --caption_column (now {image_column!r} / {caption_column!r})."

@@ -13,21 +13,10 @@ import datasets
 import numpy as np
 import torch
 from diffusers.image_processor import PixArtImageProcessor
-from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
-    ASPECT_RATIO_256_BIN,
-    ASPECT_RATIO_512_BIN,
-    ASPECT_RATIO_1024_BIN,
-)
-from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
 from PIL import Image
 
-# diffusers' PixArt aspect-ratio buckets by base size: {"height/width": [height, width]} in pixels.
-ASPECT_RATIO_BINS = {
-    256: ASPECT_RATIO_256_BIN,
-    512: ASPECT_RATIO_512_BIN,
-    1024: ASPECT_RATIO_1024_BIN,
-    2048: ASPECT_RATIO_2048_BIN,
-}
+# Training buckets are the pipelines' resolution bins, so a model samples the shapes it was trained on.
+from ..pipelines.pipeline_pixart_sigma_family import ASPECT_RATIO_BINS
 
 
 def load_image_caption_source(

@@ -12,6 +12,10 @@ pipeline folder. Two additions make runs reproducible across kills and process c
   renamed; `--resume_from_checkpoint latest` takes the newest checkpoint whose manifest verifies and reports (never
   deletes) damaged ones, so neither a kill mid-write nor a file damaged later stops a run from resuming.
 
+A run's length is --max_train_steps, --num_train_epochs' worth, or a budget (--max_train_minutes,
+--max_train_budget_usd; `budget.py`): a few timed steps fix the step count that ends within it, and checkpoints
+record it, so a resumed budgeted run ends as the uninterrupted one.
+
 Runs that would go wrong are stopped: a second run into the same `--output_dir` (`OutputDirLock`), a resume with
 another global batch or seed, and a loss or weights turning non-finite (stopped before they are saved).
 """
@@ -20,19 +24,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import itertools
+import json
 import logging
 import math
 import os
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, send_to_device, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -40,7 +47,9 @@ from tqdm.auto import tqdm
 
 from ..integrity import manifest_problems, read_manifest, write_manifest
 from .args import COSINE_WITH_MIN_LR
+from .budget import BudgetPlan, budget_seconds, calibrate_step_seconds, is_budgeted
 from .cost import CostMeter, count_parameters, flop_counter, peak_flops
+from .optimizers import build_optimizer
 from .randomness import BatchRandomness
 from .reporting import LossHistory, image_grid, log_images
 from .run_lock import OutputDirLock
@@ -118,6 +127,9 @@ class DiffusionTrainer:
     """
 
     model_name = "transformer"
+    # Optimizer steps between reads of the losses back to the host (history, trackers, non-finite check): each read
+    # waits for the device to finish, and before a checkpoint one always happens.
+    log_every = 10
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -156,9 +168,15 @@ class DiffusionTrainer:
         self.sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         if self.sharded and args.use_ema:
             raise SystemExit("--use_ema is not supported with FSDP or DeepSpeed here; use DDP or drop --use_ema.")
+        if is_budgeted(args) and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed takes the LR schedule with the model, before a step can be timed.
+            raise SystemExit("A training budget is not supported with DeepSpeed here: pass --max_train_steps instead.")
         self.loss_history = LossHistory()
         self.global_step = 0
         self.max_train_steps: int | None = None  # set by `prepare`
+        self.budget_plan: BudgetPlan | None = None  # set by `prepare` when a budget sets the length
+        self.budget_report: dict | None = None  # the plan against the loop's time, set by `train`
+        self.lr_scheduler = None
         self.ema = None
         self.cost = None
 
@@ -197,7 +215,7 @@ class DiffusionTrainer:
         batch_sampler: torch.utils.data.Sampler | None = None,
     ):
         """Optimizer, LR schedule, EMA, dataloader and checkpoint hooks around `model`; resumes if asked. Sets
-        `max_train_steps` (--max_train_steps, or --num_train_epochs of the dataloader).
+        `max_train_steps` (--max_train_steps, --num_train_epochs of the dataloader, or the budget's `_plan_length`).
 
         `batch_sampler` (e.g. aspect-ratio buckets) replaces the shuffled batches of `--train_batch_size` rows; it
         must yield batches of that size in an order set by (seed, epoch) alone (`set_epoch`), so resuming stays exact.
@@ -216,15 +234,7 @@ class DiffusionTrainer:
 
         learning_rate = args.learning_rate * self.global_batch_size if args.scale_lr else args.learning_rate
         trainable = [p for p in model.parameters() if p.requires_grad]
-        # Fused AdamW: on CPU the per-tensor loop is several times slower than the step it updates.
-        optimizer = torch.optim.AdamW(
-            trainable,
-            lr=learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2),
-            weight_decay=args.adam_weight_decay,
-            eps=args.adam_epsilon,
-            fused=self.device.type in ("cpu", "cuda") and all(p.dtype.is_floating_point for p in trainable),
-        )
+        optimizer = build_optimizer(args, trainable, learning_rate, self.device)
 
         iterable = not hasattr(dataset, "__len__")
         if iterable:
@@ -236,23 +246,34 @@ class DiffusionTrainer:
         dataloader = torch.utils.data.DataLoader(
             dataset, collate_fn=collate_fn, num_workers=args.dataloader_num_workers, **batching
         )
-        if iterable and args.max_train_steps is None:
-            raise SystemExit("Streaming data has no length: pass --max_train_steps.")
+        if iterable and args.max_train_steps is None and not is_budgeted(args):
+            raise SystemExit("Streaming data has no length: pass --max_train_steps or --max_train_minutes.")
         if not iterable and len(dataloader) == 0:
             raise SystemExit(
                 f"The dataset has {len(dataset)} rows, fewer than one batch of {args.train_batch_size}: lower "
                 "--train_batch_size or add data."
             )
-        # The run's length is the trainer's own (args stay as parsed): --max_train_steps, or the epochs' worth.
-        self.max_train_steps = args.max_train_steps
-        if self.max_train_steps is None:
-            batches = math.ceil(len(dataloader) / accelerator.num_processes)
-            self.max_train_steps = args.num_train_epochs * math.ceil(batches / args.gradient_accumulation_steps)
-        lr_scheduler = build_lr_scheduler(args, optimizer, self.max_train_steps, accelerator.num_processes)
         self._start_cost_meter(model)
-        self.model, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
-            model, optimizer, dataloader, lr_scheduler
-        )
+        resume_from = self._checkpoint_to_resume()
+        # The run's length is the trainer's own (args stay as parsed): --max_train_steps, the epochs' worth, or a
+        # budget's, which is timed on the prepared model: its LR schedule is built and prepared after that.
+        if is_budgeted(args):
+            self.model, self.optimizer, self.dataloader = accelerator.prepare(model, optimizer, dataloader)
+            calibration_batches = torch.utils.data.DataLoader(
+                dataset, collate_fn=collate_fn, **{**batching, "shuffle": False}  # its first batches
+            )
+            self.max_train_steps = self._plan_length(resume_from, calibration_batches)
+            lr_scheduler = build_lr_scheduler(args, optimizer, self.max_train_steps, accelerator.num_processes)
+            self.lr_scheduler = accelerator.prepare(lr_scheduler)
+        else:
+            self.max_train_steps = args.max_train_steps
+            if self.max_train_steps is None:
+                batches = math.ceil(len(dataloader) / accelerator.num_processes)
+                self.max_train_steps = args.num_train_epochs * math.ceil(batches / args.gradient_accumulation_steps)
+            lr_scheduler = build_lr_scheduler(args, optimizer, self.max_train_steps, accelerator.num_processes)
+            self.model, self.optimizer, self.dataloader, self.lr_scheduler = accelerator.prepare(
+                model, optimizer, dataloader, lr_scheduler
+            )
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
         if args.resume_optimizer_state:
@@ -261,10 +282,12 @@ class DiffusionTrainer:
             config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
             config["max_train_steps"] = self.max_train_steps
             accelerator.init_trackers(args.tracker_project_name or self.output_dir.name, config)
-        self._resume()
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
 
     def _start_cost_meter(self, model: torch.nn.Module) -> None:
-        """Count parameters now; the FLOPs per image are counted on the run's first training step (`train`).
+        """Count parameters now; the FLOPs per image are counted on the run's first training step (`train`), or on
+        a budgeted run's first calibration step, which is a training step put back afterwards (`_plan_length`).
 
         Counting them on a real step, not on an extra call of `compute_loss` here, means the script's loss is only
         ever called for training steps (no fake micro-step, nothing for a script to switch off around it) and the
@@ -277,6 +300,70 @@ class DiffusionTrainer:
             peak_flops_per_device=peak_flops(self.device, self.args.peak_tflops),
             gpu_hour_cost=self.args.gpu_hour_cost,
         )
+
+    # ---------------------------------------------------------------- budget
+
+    def _plan_length(self, resume_from: Path | None, calibration_batches) -> int:
+        """A budgeted run's `max_train_steps`: the count its checkpoint recorded when resuming (kill + resume ends
+        as an uninterrupted run), otherwise the steps that fit the budget at the calibrated step time."""
+        recorded = read_manifest(resume_from)["run"] if resume_from is not None else {}
+        if "max_train_steps" in recorded:
+            self.budget_plan = BudgetPlan(**recorded["budget_plan"]) if "budget_plan" in recorded else None
+            self.accelerator.print(
+                f"Resuming: keeping the {recorded['max_train_steps']} steps {resume_from.name} records (planned when "
+                "the run started); pass --max_train_steps instead of the budget to change the length."
+            )
+            return recorded["max_train_steps"]
+        started = time.perf_counter()
+        step_seconds = self._measure_step_seconds(calibration_batches)
+        self.budget_plan = BudgetPlan.for_budget(budget_seconds(self.args, self.cost), step_seconds)
+        self.accelerator.print(
+            f"Calibrated in {time.perf_counter() - started:.1f} s. "
+            + self.budget_plan.summary(self.cost, self.global_batch_size)
+        )
+        return self.budget_plan.steps
+
+    def _measure_step_seconds(self, calibration_batches) -> float:
+        """Seconds of one optimizer step of this run (`calibrate_step_seconds` on its prepared model, optimizer and
+        first batches), the slowest process's, so that every process plans the same count. The steps are undone."""
+        args, accelerator = self.args, self.accelerator
+        micro_steps = itertools.count()
+
+        def batches():
+            while True:  # a dataset of fewer batches than calibration takes is repeated
+                yield from calibration_batches
+
+        source = batches()
+
+        def one_step() -> None:
+            for _ in range(args.gradient_accumulation_steps):
+                self._train_micro_batch(send_to_device(next(source), self.device), next(micro_steps))
+
+        with self._restored_training_state():
+            seconds = calibrate_step_seconds(one_step, self.device)
+        return accelerator.gather(torch.tensor([seconds], device=self.device)).max().item()
+
+    @contextlib.contextmanager
+    def _restored_training_state(self):
+        """Put the trained weights, the optimizer's and gradient scaler's state and the accumulation counter back as
+        they were when entered (steps taken inside leave no trace; the EMA and LR schedule are not stepped)."""
+        accelerator = self.accelerator
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        weights = [p.detach().clone() for p in trainable]
+        optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        scaler_state = copy.deepcopy(accelerator.scaler.state_dict()) if accelerator.scaler is not None else None
+        accumulation_step = accelerator.step
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, saved in zip(trainable, weights):
+                    param.copy_(saved)
+            self.optimizer.load_state_dict(optimizer_state)
+            self.optimizer.zero_grad(set_to_none=True)
+            if scaler_state is not None:
+                accelerator.scaler.load_state_dict(scaler_state)
+            accelerator.step = accumulation_step
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -310,8 +397,17 @@ class DiffusionTrainer:
         model.load_state_dict(loaded.state_dict())
 
     def run_shape(self) -> dict:
-        """What a resumed run must share with the checkpoint for its batches and draws to continue the same run."""
-        return {"global_batch_size": self.global_batch_size, "seed": self.args.seed}
+        """What a resumed run must share with the checkpoint for its batches, draws and optimizer state to continue
+        the same run."""
+        return {"global_batch_size": self.global_batch_size, "seed": self.args.seed, "optimizer": self.args.optimizer}
+
+    def checkpoint_record(self) -> dict:
+        """What a checkpoint's manifest records of the run: its shape (checked on resume) and its length, with the
+        budget plan it came from (a resumed budgeted run keeps both)."""
+        record = {**self.run_shape(), "max_train_steps": self.max_train_steps}
+        if self.budget_plan is not None:
+            record["budget_plan"] = asdict(self.budget_plan)
+        return record
 
     def save_checkpoint(self) -> Path:
         """`save_state` into `checkpoint-N.tmp`, the manifest last, then an atomic rename; older checkpoints beyond
@@ -326,7 +422,7 @@ class DiffusionTrainer:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_manifest(tmp, self.run_shape())
+            write_manifest(tmp, self.checkpoint_record())
             if final.exists() and manifest_problems(final):
                 kept = final.with_name(f"{final.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
                 logger.warning(f"Keeping the damaged {final.name} as {kept.name} and writing it anew.")
@@ -353,6 +449,12 @@ class DiffusionTrainer:
         checkpoint = latest_verified_checkpoint(previous)
         if checkpoint is None:
             raise SystemExit(f"--resume_optimizer_state: {previous} has no checkpoint to take the optimizer state from.")
+        previous_optimizer = read_manifest(checkpoint)["run"].get("optimizer", "adamw")  # older manifests: AdamW
+        if previous_optimizer != self.args.optimizer:
+            raise SystemExit(
+                f"--resume_optimizer_state: {checkpoint} holds {previous_optimizer} moments, this run uses --optimizer "
+                f"{self.args.optimizer}; use --optimizer {previous_optimizer} or drop --resume_optimizer_state."
+            )
         state = torch.load(checkpoint / "optimizer.bin", map_location="cpu", weights_only=True)
         state["param_groups"] = self.optimizer.state_dict()["param_groups"]
         try:
@@ -363,15 +465,17 @@ class DiffusionTrainer:
             ) from None
         self.accelerator.print(f"Optimizer state from {checkpoint} (step {checkpoint_step(checkpoint)})")
 
-    def _resume(self) -> None:
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The verified checkpoint --resume_from_checkpoint names, its run's shape checked against this run's; None
+        for a new run. Found before anything is prepared: a budgeted run keeps the length it records."""
         choice = self.args.resume_from_checkpoint
         if choice is None:
-            return
+            return None
         if choice == "latest":
             path = latest_verified_checkpoint(self.output_dir)
             if path is None:
                 self.accelerator.print(f"No checkpoint in {self.output_dir}; starting a new run.")
-                return
+                return None
         else:
             path = Path(choice)
             problems = manifest_problems(path)
@@ -385,6 +489,9 @@ class DiffusionTrainer:
                 "the same run. Resume with the checkpoint's --train_batch_size x --gradient_accumulation_steps x "
                 "processes and --seed, or start a new run with --init_from."
             )
+        return path
+
+    def _load_checkpoint(self, path: Path) -> None:
         self.accelerator.print(f"Resuming from checkpoint {path.name}")
         self.accelerator.load_state(str(path))
         self.global_step = checkpoint_step(path)
@@ -407,6 +514,8 @@ class DiffusionTrainer:
             disable=not accelerator.is_local_main_process,
         )
         running_loss = 0.0
+        unlogged = []  # (step, loss on the device, lr, wall time) of the steps since the last `_log_losses`
+        started = time.perf_counter()
         for epoch in itertools.count(first_epoch):
             if self.global_step >= self.max_train_steps:
                 break
@@ -419,27 +528,10 @@ class DiffusionTrainer:
             for batch in batches:
                 if micro_step % accumulation == 0:
                     self.cost.start_step()
-                with accelerator.accumulate(self.model):
-                    draws = BatchRandomness(
-                        args.seed, micro_step, accelerator.process_index, accelerator.num_processes,
-                        args.train_batch_size, self.device,
-                    )
-                    count = self.cost.flops_per_image is None  # the run's first micro-step
-                    with flop_counter() if count else contextlib.nullcontext() as counter:
-                        loss = self.compute_loss(self.model, batch, draws)
-                        accelerator.backward(loss)
-                    if count:
-                        self.cost.flops_per_image = counter.get_total_flops() / args.train_batch_size
-                        accelerator.print(self.cost.summary(planned_images))
-                    micro_loss = accelerator.gather(loss.detach()).mean().item()
-                    if not math.isfinite(micro_loss):
-                        self.stop_non_finite(f"the loss is {micro_loss}")
-                    running_loss += micro_loss / accumulation
-                    if accelerator.sync_gradients and args.max_grad_norm:
-                        accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                counts_flops = self.cost.flops_per_image is None
+                running_loss += self._train_micro_batch(batch, micro_step) / accumulation
+                if counts_flops:
+                    accelerator.print(self.cost.summary(planned_images))
                 micro_step += 1
                 if not accelerator.sync_gradients:
                     continue
@@ -448,31 +540,76 @@ class DiffusionTrainer:
                 self.global_step += 1
                 if self.global_step > first_step + 1:  # a run's first step has one-off costs (warm-up, FLOP count)
                     self.cost.end_step(self.global_batch_size)
-                logs = {"loss": running_loss, "lr": self.lr_scheduler.get_last_lr()[0]}
-                self.loss_history.append(self.global_step, running_loss)
+                unlogged.append((self.global_step, running_loss, self.lr_scheduler.get_last_lr()[0], time.time()))
                 running_loss = 0.0
                 progress.update(1)
-                progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{self.cost.images_per_second:.1f}")
-                accelerator.log(logs, step=self.global_step)
-                if self.global_step % args.checkpointing_steps == 0 or self.global_step == self.max_train_steps:
+                saving = self.global_step % args.checkpointing_steps == 0 or self.global_step == self.max_train_steps
+                if saving or self.global_step % self.log_every == 0:  # a checkpoint only after its losses passed
+                    self._log_losses(unlogged, progress)
+                if saving:
                     self.save_checkpoint()
                 if build_pipeline is not None and self.global_step % args.validation_steps == 0:
                     self.validate(build_pipeline, f"step-{self.global_step:06d}")
                 if self.global_step >= self.max_train_steps:
                     break
         progress.close()
+        if self.budget_plan is not None:
+            self.budget_report = self.budget_plan.report(
+                self.cost, first_step, self.global_step, time.perf_counter() - started
+            )
+            accelerator.print(self.budget_report["summary"])
+
+    def _train_micro_batch(self, batch, micro_step: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch, then (on the last of an optimizer step) clipping and the
+        optimizer and LR steps; returns this process's loss, detached and left on the device (`_log_losses` reads
+        it back). The run's first one counts the FLOPs."""
+        args, accelerator = self.args, self.accelerator
+        with accelerator.accumulate(self.model):
+            draws = BatchRandomness(
+                args.seed, micro_step, accelerator.process_index, accelerator.num_processes, args.train_batch_size,
+                self.device,
+            )
+            count = self.cost.flops_per_image is None
+            with flop_counter() if count else contextlib.nullcontext() as counter:
+                loss = self.compute_loss(self.model, batch, draws)
+                accelerator.backward(loss)
+            if count:
+                self.cost.flops_per_image = counter.get_total_flops() / args.train_batch_size
+            if accelerator.sync_gradients and args.max_grad_norm:
+                accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+            self.optimizer.step()
+            if self.lr_scheduler is not None:  # None while a budget is calibrated: the schedule needs its length
+                self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def _log_losses(self, unlogged: list, progress) -> None:
+        """Read the `unlogged` steps' losses back (one wait for the device and one gather for all of them), stop at
+        the first non-finite one, add them to the loss history and the trackers (each at its step's wall time) and
+        the last to the progress bar; empties `unlogged`."""
+        steps, losses, lrs, wall_times = zip(*unlogged)
+        accelerator = self.accelerator
+        per_process = accelerator.gather(torch.stack(losses)).view(accelerator.num_processes, len(steps))
+        for step, loss, lr, wall_time in zip(steps, per_process.mean(0).tolist(), lrs, wall_times):
+            if not math.isfinite(loss):
+                self.stop_non_finite(f"the loss is {loss}", step)
+            self.loss_history.append(step, loss)
+            accelerator.log({"loss": loss, "lr": lr}, step=step, log_kwargs={"tensorboard": {"walltime": wall_time}})
+        progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{self.cost.images_per_second:.1f}")
+        unlogged.clear()
 
     def check_weights_finite(self, before: str) -> None:
         """Stop if any trained weight is NaN or infinite, so such weights are never saved."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad):
             self.stop_non_finite(f"weights are non-finite before {before}")
 
-    def stop_non_finite(self, what: str) -> None:
-        """End the run, keeping every checkpoint as it is and naming the step and the last good checkpoint."""
+    def stop_non_finite(self, what: str, step: int | None = None) -> None:
+        """End the run, keeping every checkpoint as it is and naming the step (by default the one under way) and the
+        last good checkpoint."""
         found = [p.name for p in list_checkpoints(self.output_dir) if not manifest_problems(p)]
         restart = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
         raise SystemExit(
-            f"Training stopped at step {self.global_step + 1}: {what}. Nothing of this step was saved; {restart}. "
+            f"Training stopped at step {self.global_step + 1 if step is None else step}: {what}. Nothing of this step was saved; {restart}. "
             "Lower --learning_rate or --max_grad_norm, or use --mixed_precision bf16/no, then resume with "
             "--resume_from_checkpoint latest."
         )
@@ -511,8 +648,9 @@ class DiffusionTrainer:
         self, build_pipeline: Callable, description: str | None = None, training_data: str | None = None
     ) -> Path | None:
         """Save the output (`save_output`: the final pipeline with EMA weights if kept and a model card whose
-        `description` and `training_data` default to generic text), the loss curve and history and the cost summary;
-        push the output to the Hub with `--push_to_hub`. Returns the output folder on the main process."""
+        `description` and `training_data` default to generic text), the loss curve and history, the cost summary and
+        a budgeted run's plan against its time (`budget.json`); push the output to the Hub with `--push_to_hub`.
+        Returns the output folder on the main process."""
         from ..hub import push_folder_to_hub
 
         args, accelerator = self.args, self.accelerator
@@ -547,6 +685,8 @@ class DiffusionTrainer:
             summary = self.cost.summary(planned)
             (self.output_dir / "cost.txt").write_text(summary + "\n")
             accelerator.print(summary)
+            if self.budget_report is not None:
+                (self.output_dir / "budget.json").write_text(json.dumps(self.budget_report, indent=2) + "\n")
             accelerator.print(f"Saved the training output to {folder}")
             if args.push_to_hub:
                 accelerator.print(f"Pushed to the Hub: {push_folder_to_hub(folder, self.hub_repo_id, commit_message='End of training')}")
