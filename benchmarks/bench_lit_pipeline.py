@@ -33,7 +33,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
@@ -43,8 +42,8 @@ from transformers import T5Config, T5EncoderModel
 from diffusers_microdit import LiTPipeline, LiTTransformer2DModel
 
 # The sibling scripts in this directory: same peak-memory methods, so the benchmarks' numbers compare.
-from bench_kv_compression import peak_memory, synchronize  # isort: skip
-from bench_linear_attention import process_status_kib  # isort: skip
+from bench_kv_compression import peak_memory  # isort: skip
+from bench_linear_attention import process_status_kib, seconds  # isort: skip
 
 PIPELINES = ("pixart", "lit")
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, feed_forward_proj="gated-gelu")
@@ -104,15 +103,6 @@ def image_call(pipe, resolution: int, steps: int, prompt: dict):
         **prompt, negative_prompt=None, height=resolution, width=resolution, num_inference_steps=steps,
         output_type="latent", use_resolution_binning=False, generator=torch.Generator().manual_seed(0),
     )
-
-
-@torch.inference_mode()
-def seconds(fn, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 class PipelineCall(torch.nn.Module):

@@ -205,7 +205,8 @@ class LiTLinearAttnProcessor:
     [`LiTLinearAttention`] modules must accept `height` and `width` keyword arguments too. Reads the fused `to_qkv`
     projection when the module has one (`fuse_qkv_projections`); the value conv then sees the same V slice.
 
-    When autograd needs the projections (training) it runs the differentiable [`linear_attention`]; otherwise
+    When autograd needs the projections (training) or under torch.compile it runs the differentiable
+    [`linear_attention`]; otherwise
     [`linear_attention_`], which works in place in the model's dtype and frees each projection once it is used, so
     the layer's peak is about three (batch, tokens, channels) tensors (diffusers' SDPA processor holds about five).
     """
@@ -239,7 +240,8 @@ class LiTLinearAttnProcessor:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        if query.requires_grad or key.requires_grad or value.requires_grad:
+        # torch.compile plans a graph's buffers itself (and cannot trace the in-place path's per-head `out=` loop).
+        if torch.compiler.is_compiling() or query.requires_grad or key.requires_grad or value.requires_grad:
             out = linear_attention(query, key, value, attn.heads, attn.linear_attention_eps)
             out = out + attn.value_conv(value, height, width)
         else:  # inference: the projections are ours to overwrite, and each is freed once it is used
