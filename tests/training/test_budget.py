@@ -139,10 +139,11 @@ def test_kill_and_resume_of_a_budgeted_run_keeps_its_plan_and_is_exact(
 
 def test_calibration_leaves_no_trace(microdit_workspace, tmp_path):
     """A budgeted run with the real calibration (steps trained, then undone) ends with the weights of an unbudgeted
-    run of its planned length: weights, optimizer, RNG and schedule are as if calibration never ran."""
-    train(microdit_workspace, tmp_path / "budgeted", "--max_train_minutes", 0.05, "--checkpointing_steps", 1000)
+    run of its planned length: weights, optimizer, EMA, RNG and schedule are as if calibration never ran."""
+    ema = ("--use_ema", "--ema_decay", "0.9")  # the saved pipeline holds the EMA weights: their restore is checked
+    train(microdit_workspace, tmp_path / "budgeted", "--max_train_minutes", 0.05, "--checkpointing_steps", 1000, *ema)
     steps = budget_report(tmp_path / "budgeted")["plan"]["steps"]
-    train(microdit_workspace, tmp_path / "plain", "--max_train_steps", steps, "--checkpointing_steps", 1000)
+    train(microdit_workspace, tmp_path / "plain", "--max_train_steps", steps, "--checkpointing_steps", 1000, *ema)
     budgeted, plain = final_weights(tmp_path / "budgeted"), final_weights(tmp_path / "plain")
     for name in plain:
         torch.testing.assert_close(budgeted[name], plain[name], rtol=0, atol=0, msg=name)

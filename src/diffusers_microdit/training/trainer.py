@@ -338,6 +338,8 @@ class DiffusionTrainer:
         def one_step() -> None:
             for _ in range(args.gradient_accumulation_steps):
                 self._train_micro_batch(send_to_device(next(source), self.device), next(micro_steps))
+            if self.ema is not None:  # part of every step's time (about 7% of a quickstart step on CPU)
+                self.ema.step(self.unwrap().parameters())
 
         with self._restored_training_state():
             seconds = calibrate_step_seconds(one_step, self.device)
@@ -345,12 +347,13 @@ class DiffusionTrainer:
 
     @contextlib.contextmanager
     def _restored_training_state(self):
-        """Put the trained weights, the optimizer's and gradient scaler's state and the accumulation counter back as
-        they were when entered (steps taken inside leave no trace; the EMA and LR schedule are not stepped)."""
+        """Put the trained weights, the optimizer's, EMA's and gradient scaler's state and the accumulation counter
+        back as they were when entered (steps taken inside leave no trace; the LR schedule is not stepped)."""
         accelerator = self.accelerator
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         weights = [p.detach().clone() for p in trainable]
         optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        ema_state = copy.deepcopy(self.ema.state_dict()) if self.ema is not None else None
         scaler_state = copy.deepcopy(accelerator.scaler.state_dict()) if accelerator.scaler is not None else None
         accumulation_step = accelerator.step
         try:
@@ -361,6 +364,8 @@ class DiffusionTrainer:
                     param.copy_(saved)
             self.optimizer.load_state_dict(optimizer_state)
             self.optimizer.zero_grad(set_to_none=True)
+            if ema_state is not None:
+                self.ema.load_state_dict(ema_state)
             if scaler_state is not None:
                 accelerator.scaler.load_state_dict(scaler_state)
             accelerator.step = accumulation_step
