@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL, DiffusionPipeline
 
 import diffusers_microdit  # noqa: F401  (registers the package's classes with diffusers)
+from diffusers_microdit.pipelines.pipeline_pixart_sigma_family import ASPECT_RATIO_BINS
 from diffusers_microdit.training.args import (
     add_image_caption_source_args,
     image_preparation,
@@ -36,7 +37,7 @@ from diffusers_microdit.training.args import (
     resolve_pipeline_path,
 )
 from diffusers_microdit.training.precompute import precompute_embeddings, write_cache_info
-from diffusers_microdit.training.sources import ASPECT_RATIO_BINS, load_image_caption_source
+from diffusers_microdit.training.sources import load_image_caption_source
 
 
 def parse_args(argv=None) -> argparse.Namespace:

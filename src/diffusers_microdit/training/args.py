@@ -12,8 +12,8 @@ from diffusers.optimization import SchedulerType
 
 from ..integrity import check_local_folder
 from ..pipelines.pipeline_pixart_sigma_family import ASPECT_RATIO_BINS
-from .data import REAL_CAPTION_RATIO, caption_column_names
 from .budget import BUDGET_FLAGS
+from .data import REAL_CAPTION_RATIO, caption_column_names
 from .optimizers import add_optimizer_args, optimizer_problems
 from .sources import ImagePreparation
 

@@ -94,7 +94,8 @@ def latents_column(resolution: int) -> str:
 
 def bucket_latents_column(base_size: int) -> str:
     """Cache column holding flattened latents of images resized and centre-cropped to their closest aspect-ratio
-    bucket of `base_size` (see `sources.ASPECT_RATIO_BINS`); their (C, H, W) shapes are in `bucket_shape_column`."""
+    bucket of `base_size` (see `pipeline_pixart_sigma_family.ASPECT_RATIO_BINS`); their (C, H, W) shapes are in
+    `bucket_shape_column`."""
     return f"bucket_latents_{base_size}"
 
 
