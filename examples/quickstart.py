@@ -14,9 +14,9 @@ The stages are planned from the demo's time, not step counts: after the data and
 --total_minutes (15), less a reserve for sampling and scoring, are shared between the stages as --max_train_minutes
 (stage 2 gets what stage 1 left), and each trains the steps that fit on this machine, so the demo takes 15 minutes
 on a faster or slower one alike and trains more or fewer steps. --budget_minutes fixes the training minutes
-instead (quick tries). Outputs in --output_dir: pipeline/ (loads with DiffusionPipeline.from_pretrained), samples.png, loss.png,
-scores.json (with the steps and minutes of each stage), and the stage folders with checkpoints, logs, cost and
-budget reports. Every size below is the CPU recipe; see the README for what it reaches.
+instead (quick tries). Outputs in --output_dir: pipeline/ (loads with DiffusionPipeline.from_pretrained),
+samples.png, loss.png, scores.json (with the steps and minutes of each stage), and the stage folders with
+checkpoints, logs, cost and budget reports. Every size below is the CPU recipe; see the README for what it reaches.
 """
 
 import argparse
@@ -138,13 +138,13 @@ def stage_minutes(index: int, args, start: float) -> float:
     shares = [stage[2] for stage in STAGES]
     if args.budget_minutes is not None:
         return shares[index] * args.budget_minutes
-    left = args.total_minutes - (time.time() - start) / 60 - RESERVE_MINUTES
+    elapsed = (time.time() - start) / 60
+    left = args.total_minutes - elapsed - RESERVE_MINUTES
     minutes = left * shares[index] / sum(shares[index:])
     if minutes < 0.2:
         raise SystemExit(
             f"Only {max(left, 0):.1f} of --total_minutes {args.total_minutes:g} are left for training after "
-            f"{(time.time() - start) / 60:.1f} minutes of data and earlier stages: raise --total_minutes or pass "
-            "--budget_minutes."
+            f"{elapsed:.1f} minutes of data and earlier stages: raise --total_minutes or pass --budget_minutes."
         )
     return minutes
 
