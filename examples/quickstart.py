@@ -108,6 +108,8 @@ def build_base_pipeline(output_dir: Path) -> Path:
         text_encoder=AutoModel.from_pretrained(text_dir).eval(),
         tokenizer=AutoTokenizer.from_pretrained(text_dir, model_max_length=TEXT_MAX_LENGTH),
         scheduler=EDMHeunScheduler(sigma_data=SIGMA_DATA),
+        # MiniLM is a BERT model: it reads the attention mask, and the transformer then ignores the padding.
+        mask_caption_padding=True,
     )
     pipeline.save_pretrained(output_dir / "base")
     return output_dir / "base"

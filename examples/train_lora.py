@@ -97,7 +97,10 @@ def load_pipeline(args) -> DiffusionPipeline:
     transformer = transformer_class.from_pretrained(path, subfolder="transformer", revision=revision, variant=variant)
     for frozen in (base.vae, base.text_encoder):
         frozen.requires_grad_(False).eval()
-    return pipeline_class(**{**base.components, "transformer": transformer})
+    # Settings the pipeline saved besides its components (MicroDiT's mask_caption_padding) carry over.
+    _, settings = base._get_signature_keys(pipeline_class)
+    kept = {name: base.config[name] for name in settings if name in base.config}
+    return pipeline_class(**{**base.components, **kept, "transformer": transformer})
 
 
 def make_compute_loss(args, pipeline, first_row: dict, resolution: int):

@@ -127,7 +127,7 @@ def main(argv=None) -> None:
     def build_pipeline(model) -> MicroDiTPipeline:
         return MicroDiTPipeline(
             transformer=model, vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
-            scheduler=scheduler,
+            scheduler=scheduler, mask_caption_padding=pipeline.config.mask_caption_padding,
         )
 
     trainer.prepare(transformer, dataset, compute_loss)

@@ -118,7 +118,7 @@ def tiny_vae() -> AutoencoderKL:
     ).eval()
 
 
-def tiny_pipeline(transformer: MicroDiTTransformer2DModel | None = None) -> MicroDiTPipeline:
+def tiny_pipeline(transformer: MicroDiTTransformer2DModel | None = None, **settings) -> MicroDiTPipeline:
     tokenizer = tiny_clip_tokenizer()
     pipe = MicroDiTPipeline(
         transformer=transformer or tiny_transformer(),
@@ -126,6 +126,7 @@ def tiny_pipeline(transformer: MicroDiTTransformer2DModel | None = None) -> Micr
         text_encoder=tiny_clip_text_encoder(vocab_size=len(tokenizer)),
         tokenizer=tokenizer,
         scheduler=EDMHeunScheduler(),
+        **settings,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -191,6 +191,36 @@ def test_keep_ids_validation():
         get_random_keep_ids(2, 16, 1.0)
 
 
+def test_caption_mask_hides_padding():
+    """With `encoder_attention_mask` the padded caption tokens change nothing: the output equals that of the caption
+    cut to its tokens, whatever the padded states hold, in both masking modes; an all-ones mask is no mask."""
+    model = tiny_transformer().double()
+    generator = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(shape, generator=generator, dtype=torch.float64) for shape in [(2, 4, 8, 8), (2, 6, 32)])
+    t = torch.tensor([0.3, -0.8], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    keep = get_random_keep_ids(2, 16, 0.5, generator=torch.Generator().manual_seed(0))
+    junk = y.clone()
+    junk[mask == 0] = 50.0
+    with torch.no_grad():
+        for keep_ids in (None, keep):
+            masked = model(x, t, y, keep_ids=keep_ids, encoder_attention_mask=mask).sample
+            padding_changed = model(x, t, junk, keep_ids=keep_ids, encoder_attention_mask=mask.bool()).sample
+            torch.testing.assert_close(padding_changed, masked)
+            for b, length in enumerate(mask.sum(1).tolist()):
+                ids = None if keep_ids is None else keep_ids[b : b + 1]
+                cut = model(x[b : b + 1], t[b : b + 1], y[b : b + 1, :length], keep_ids=ids).sample
+                torch.testing.assert_close(masked[b : b + 1], cut)
+            unmasked = model(x, t, y, keep_ids=keep_ids).sample
+            all_kept = model(x, t, y, keep_ids=keep_ids, encoder_attention_mask=torch.ones(2, 6)).sample
+            torch.testing.assert_close(all_kept, unmasked)
+            assert not torch.allclose(masked, unmasked)
+    with pytest.raises(ValueError, match="keep at least one"):
+        model(x, t, y, encoder_attention_mask=torch.tensor([[1, 0, 0, 0, 0, 0], [0] * 6]))
+    with pytest.raises(ValueError, match=r"\(batch, tokens\) = \(2, 6\)"):
+        model(x, t, y, encoder_attention_mask=torch.ones(2, 5))
+
+
 def test_routing_is_per_sample():
     """Expert choice routes within each sample: a sample's output does not depend on its batch mates.
 
@@ -259,26 +289,33 @@ def test_save_load_round_trip_is_exact(tmp_path):
 class ManualMathProcessor:
     """Reference processor: explicit softmax(QK^T/sqrt(d))V, to check that processors are swappable."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
         k = attn.norm_k(attn.to_k(context)).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
         v = attn.to_v(context).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
-        weights = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(dim=-1)
+        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if attention_mask is not None:  # (B, 1, 1, L) keep-mask
+            logits = logits.masked_fill(~attention_mask, float("-inf"))
+        weights = logits.softmax(dim=-1)
         return attn.to_out[0]((weights @ v).transpose(1, 2).flatten(2))
 
 
 def test_attention_processors_are_swappable():
     model = tiny_transformer()
     x, t, y = torch.randn(2, 4, 8, 8), torch.zeros(2), torch.randn(2, 5, 32)
+    caption_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
     with torch.no_grad():
         reference = model(x, t, y).sample
+        masked_reference = model(x, t, y, encoder_attention_mask=caption_mask).sample
         # 2 attentions per block (2 mixer + 3 backbone) + the caption refiner
         assert len(model.attn_processors) == 11
         with attention_backend("_native_math"):
             torch.testing.assert_close(model(x, t, y).sample, reference, atol=1e-4, rtol=1e-4)
         model.set_attn_processor(ManualMathProcessor())
         torch.testing.assert_close(model(x, t, y).sample, reference, atol=1e-4, rtol=1e-4)
+        masked = model(x, t, y, encoder_attention_mask=caption_mask).sample
+        torch.testing.assert_close(masked, masked_reference, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("masking, mixer_tokens", [("naive", 6), ("deferred", 16)])

@@ -97,10 +97,39 @@ def test_guidance_negative_prompt_and_batching(pipe):
     negative = generate(pipe, guidance_scale=5.0, negative_prompt="a green diamond")
     unguided = generate(pipe, guidance_scale=1.0)
     assert not np.allclose(zero_null, negative) and not np.allclose(zero_null, unguided)
-    embeds, negative_embeds = pipe.encode_prompt("a red circle", negative_prompt="a green diamond")
+    embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt("a red circle", negative_prompt="a green diamond")
+    assert mask is None and negative_mask is None  # the original feeds every position
     from_embeds = generate(pipe, prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds)
     np.testing.assert_allclose(from_embeds, negative, atol=1e-6)
-    assert torch.count_nonzero(pipe.encode_prompt("a red circle")[1]) == 0  # null caption = all zeros
+    assert torch.count_nonzero(pipe.encode_prompt("a red circle")[2]) == 0  # null caption = all zeros
+
+
+def test_mask_caption_padding(pipe, tmp_path):
+    """With `mask_caption_padding` the tokenizer's mask reaches the text encoder and the transformer: what the padded
+    states hold changes no image, the null caption keeps every position, and the setting survives a reload."""
+    masked = tiny_pipeline(mask_caption_padding=True)
+    embeds, mask, null_embeds, null_mask = masked.encode_prompt("a red circle", num_images_per_prompt=2)
+    tokens = masked.tokenizer("a red circle", padding="max_length", max_length=masked.tokenizer.model_max_length)
+    assert mask.tolist() == [tokens.attention_mask] * 2 and 0 < mask.sum() < mask.numel()
+    assert torch.count_nonzero(null_embeds) == 0 and bool(null_mask.all())
+    expected = generate(masked, guidance_scale=3.0)
+    junk = embeds[:1].clone()
+    junk[mask[:1] == 0] = 7.0
+    from_embeds = generate(masked, prompt=None, prompt_embeds=junk, prompt_attention_mask=mask[:1], guidance_scale=3.0)
+    np.testing.assert_allclose(from_embeds, expected, atol=1e-6)
+    assert not np.allclose(expected, generate(pipe, guidance_scale=3.0), atol=1e-4)  # same weights, padding used
+
+    masked.save_pretrained(tmp_path / "pipe")
+    assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["mask_caption_padding"] is True
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    reloaded.set_progress_bar_config(disable=True)
+    assert reloaded.config.mask_caption_padding is True
+    np.testing.assert_allclose(generate(reloaded, guidance_scale=3.0), expected, atol=1e-6)
+
+    with pytest.raises(ValueError, match="only used by a pipeline with `mask_caption_padding=True`"):
+        generate(pipe, prompt=None, prompt_embeds=embeds[:1], prompt_attention_mask=mask[:1])
+    with pytest.raises(ValueError, match="keep-mask"):
+        generate(masked, prompt=None, prompt_embeds=embeds[:1], prompt_attention_mask=mask[:1, :-1])
 
 
 @pytest.mark.parametrize(

@@ -27,8 +27,13 @@ class RecordingModel(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.calls = []
 
-    def forward(self, sample, timestep, encoder_hidden_states, keep_ids=None, masking="deferred"):
-        self.calls.append({"keep_ids": keep_ids, "masking": masking})
+    def forward(
+        self, sample, timestep, encoder_hidden_states, keep_ids=None, masking="deferred", encoder_attention_mask=None
+    ):
+        self.calls.append(
+            {"keep_ids": keep_ids, "masking": masking, "captions": encoder_hidden_states,
+             "caption_mask": encoder_attention_mask}
+        )  # fmt: skip
         mask = None
         if keep_ids is not None:
             tokens = (sample.shape[-2] // self.config.patch_size) * (sample.shape[-1] // self.config.patch_size)
@@ -53,6 +58,21 @@ def test_the_objective_derives_tokens_from_latents_and_patch_size_and_passes_the
         assert call["keep_ids"] is None and call["masking"] == "deferred"  # the model's default: nothing is masked
     else:
         assert call["keep_ids"].shape == (2, kept) and call["masking"] == masking
+
+
+def test_the_objective_passes_the_caption_mask_with_all_ones_for_dropped_captions():
+    model = RecordingModel(patch_size=2)
+    caption_mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    compute_loss = microdit_objective(EDMEulerScheduler(), caption_dropout=0.5)
+    compute_loss(model, BATCH, BatchRandomness(0, 0, 0, 1, 2, "cpu"))
+    assert model.calls[-1]["caption_mask"] is None  # a cache without masks: every position, as the original
+    for seed in range(4):  # draws that drop both, one or neither caption
+        compute_loss(model, {**BATCH, "prompt_attention_mask": caption_mask}, BatchRandomness(seed, 0, 0, 1, 2, "cpu"))
+        call = model.calls[-1]
+        dropped = call["captions"].flatten(1).abs().sum(1) == 0
+        assert call["caption_mask"].tolist() == torch.where(dropped[:, None], True, caption_mask.bool()).tolist()
+    drops = [tuple((c["captions"].flatten(1).abs().sum(1) == 0).tolist()) for c in model.calls[1:]]
+    assert len(set(drops)) > 1
 
 
 def test_unknown_masking_is_refused():

@@ -33,13 +33,18 @@ class MicroDiTAttnProcessor:
 
     Reads fused projections when the module has them (`fuse_qkv_projections`): `to_qkv` for self-attention, `to_kv`
     for cross-attention. The QK-norm runs after the split, on the same full-width vectors, so fusing changes nothing.
+    `attention_mask` is a boolean (B, 1, 1, L) keep-mask over the keys (the caption's padding), or `None`.
     """
 
     _attention_backend = None
     _parallel_config = None
 
     def __call__(
-        self, attn: MicroDiTAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None
+        self,
+        attn: MicroDiTAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         fused = attn.fused_projections
@@ -55,7 +60,8 @@ class MicroDiTAttnProcessor:
         key = attn.norm_k(key).unflatten(-1, (attn.heads, -1))
         value = value.unflatten(-1, (attn.heads, -1))
         out = dispatch_attention_fn(
-            query, key, value, backend=self._attention_backend, parallel_config=self._parallel_config
+            query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+            parallel_config=self._parallel_config,
         )
         return attn.to_out[0](out.flatten(2, 3).to(query.dtype))
 
@@ -95,8 +101,13 @@ class MicroDiTAttention(nn.Module, AttentionModuleMixin):
         self.norm_k = nn.LayerNorm(inner_dim, eps=eps, elementwise_affine=False, bias=False)
         self.set_processor(self._default_processor_cls())
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        return self.processor(self, hidden_states, encoder_hidden_states)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.processor(self, hidden_states, encoder_hidden_states, attention_mask=attention_mask)
 
 
 class MicroDiTSwiGLU(nn.Module):
@@ -187,7 +198,8 @@ class MicroDiTNormProjection(nn.Module):
 
 
 class MicroDiTCaptionRefiner(nn.Module):
-    """Pre-LN self-attention + SwiGLU block over the caption tokens (no modulation, no mask)."""
+    """Pre-LN self-attention + SwiGLU block over the caption tokens (no modulation); `caption_mask` (see
+    [`MicroDiTAttnProcessor`]) hides padded tokens from the attention."""
 
     def __init__(self, dim: int, head_dim: int, multiple_of: int, bias: bool, eps: float):
         super().__init__()
@@ -196,8 +208,8 @@ class MicroDiTCaptionRefiner(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps, bias=False)
         self.ff = MicroDiTSwiGLU(dim, swiglu_hidden_dim(int(4 * dim), multiple_of), bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, caption_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attention_mask=caption_mask)
         return x + self.ff(self.norm2(x))
 
 
@@ -205,7 +217,8 @@ class MicroDiTBlock(nn.Module):
     """adaLN-modulated DiT block: gated self-attention, un-gated un-modulated cross-attention, gated FFN.
 
     The modulation comes from `cond` (timestep + pooled caption, width `cond_dim`), through GELU(tanh) and one
-    Linear producing shift/scale/gate for attention and FFN, in that order.
+    Linear producing shift/scale/gate for attention and FFN, in that order. `caption_mask` (see
+    [`MicroDiTAttnProcessor`]) hides padded caption tokens from the cross-attention.
     """
 
     def __init__(self, dim: int, cond_dim: int, head_dim: int, attn_dim: int, ff: nn.Module, bias: bool, eps: float):
@@ -218,11 +231,13 @@ class MicroDiTBlock(nn.Module):
         self.ff = ff
         self.modulation = nn.Linear(cond_dim, 6 * dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, cond: torch.Tensor, caption_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         modulation = self.modulation(F.gelu(cond, approximate="tanh")).unsqueeze(1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
         x = x + gate_msa * self.attn1(self.norm1(x) * (1 + scale_msa) + shift_msa)
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, caption_mask)
         return x + gate_mlp * self.ff(self.norm3(x) * (1 + scale_mlp) + shift_mlp)
 
 

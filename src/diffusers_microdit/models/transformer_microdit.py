@@ -352,10 +352,12 @@ class MicroDiTTransformer2DModel(
             self._pos_embed_cache[key] = embed.unsqueeze(0)
         return self._pos_embed_cache[key]
 
-    def _run_block(self, block: MicroDiTBlock, x: torch.Tensor, context: torch.Tensor, cond: torch.Tensor):
+    def _run_block(
+        self, block: MicroDiTBlock, x: torch.Tensor, context: torch.Tensor, cond: torch.Tensor, caption_mask
+    ) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, x, context, cond)
-        return block(x, context, cond)
+            return self._gradient_checkpointing_func(block, x, context, cond, caption_mask)
+        return block(x, context, cond, caption_mask)
 
     @apply_lora_scale("attention_kwargs")
     def forward(
@@ -367,6 +369,7 @@ class MicroDiTTransformer2DModel(
         masking: str = "deferred",
         attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
+        encoder_attention_mask: torch.Tensor | None = None,  # last: earlier positional calls keep their meaning
     ) -> MicroDiTTransformerOutput | tuple:
         """Run the network.
 
@@ -382,6 +385,10 @@ class MicroDiTTransformer2DModel(
             attention_kwargs: `{"scale": s}` multiplies every LoRA adapter's strength by `s` for this call (pass it
                 by keyword; `apply_lora_scale` consumes it). MicroDiT's attention takes no other arguments.
             return_dict: return a [`MicroDiTTransformerOutput`] instead of a `(sample, mask)` tuple.
+            encoder_attention_mask: optional (B, L) keep-mask of the caption tokens (1 or True: a token, 0 or False:
+                padding), as the tokenizer returns it. Padded tokens are then hidden from the caption refiner and
+                every cross-attention, and left out of the pooled caption. `None` (the original, and the official
+                checkpoints) uses every position.
         """
         if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
             raise TypeError(
@@ -407,8 +414,17 @@ class MicroDiTTransformer2DModel(
         x = x + self.pos_embed(grid_h, grid_w, x.device).to(x.dtype)
 
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(batch)
-        context = self.caption_refiner(self.caption_projection(encoder_hidden_states))
-        cond = self.time_embedding(timestep, x.dtype) + self.pooled_caption_projection(context.mean(dim=1))
+        caption_mask = None
+        if encoder_attention_mask is not None:
+            keep = self._check_caption_mask(encoder_attention_mask, encoder_hidden_states.shape[:2], x.device)
+            caption_mask = keep[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
+        context = self.caption_refiner(self.caption_projection(encoder_hidden_states), caption_mask)
+        if caption_mask is None:
+            pooled = context.mean(dim=1)
+        else:
+            weights = keep.to(context.dtype).unsqueeze(-1)
+            pooled = (context * weights).sum(dim=1) / weights.sum(dim=1)
+        cond = self.time_embedding(timestep, x.dtype) + self.pooled_caption_projection(pooled)
 
         if masking not in ("deferred", "naive"):
             raise ValueError(f"masking must be 'deferred' or 'naive', got {masking!r}.")
@@ -420,13 +436,13 @@ class MicroDiTTransformer2DModel(
         x = self.patch_mixer_proj_in(x)
         mixer_context = self.patch_mixer_proj_context(context)
         for block in self.patch_mixer_blocks:
-            x = self._run_block(block, x, mixer_context, cond)
+            x = self._run_block(block, x, mixer_context, cond, caption_mask)
 
         if keep_ids is not None and masking == "deferred":
             x = torch.gather(x, 1, keep_ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = self.patch_mixer_proj_out(x)
         for block in self.transformer_blocks:
-            x = self._run_block(block, x, context, cond)
+            x = self._run_block(block, x, context, cond, caption_mask)
 
         shift, scale = self.norm_out_modulation(F.gelu(cond, approximate="tanh")).unsqueeze(1).chunk(2, dim=-1)
         x = self.proj_out(self.norm_out(x) * (1 + scale) + shift)
@@ -442,6 +458,22 @@ class MicroDiTTransformer2DModel(
         if not return_dict:
             return (x, mask)
         return MicroDiTTransformerOutput(sample=x, mask=mask)
+
+    @staticmethod
+    def _check_caption_mask(mask: torch.Tensor, caption_shape: torch.Size, device) -> torch.Tensor:
+        """The (B, L) caption keep-mask as booleans on `device`; every caption must keep a token."""
+        if tuple(mask.shape) != tuple(caption_shape):
+            raise ValueError(
+                f"encoder_attention_mask must be a (batch, tokens) = {tuple(caption_shape)} keep-mask of the caption, "
+                f"got shape {tuple(mask.shape)}; pass the tokenizer's attention_mask."
+            )
+        keep = mask.to(device=device, dtype=torch.bool)
+        if not keep.any(dim=1).all():
+            raise ValueError(
+                "encoder_attention_mask hides every token of a caption; keep at least one (an all-ones mask for the "
+                "null caption)."
+            )
+        return keep
 
     @staticmethod
     def _check_keep_ids(keep_ids: torch.Tensor, batch: int, num_tokens: int, device) -> torch.Tensor:

@@ -48,11 +48,15 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
         transformer: the MicroDiT EDM network.
         vae: a diffusers autoencoder (`AutoencoderKL` for the official checkpoints; `AutoencoderTiny` etc. work).
         text_encoder: any transformers encoder whose `last_hidden_state` is the caption embedding (the converted
-            DFN5B CLIP text tower for the official checkpoints). It is called without an attention mask, like the
-            original, so every padded position reaches the transformer.
+            DFN5B CLIP text tower for the official checkpoints).
         tokenizer: pads to a fixed length (77 with id 0 for the official checkpoints).
         scheduler: an EDM scheduler whose timesteps are `ln(sigma) / 4` (`EDMHeunScheduler` reproduces the
             original sampler; diffusers' `EDMEulerScheduler` and `EDMDPMSolverMultistepScheduler` also work).
+        mask_caption_padding: `False` (the original, and the official checkpoints): the text encoder runs without
+            an attention mask and every padded position reaches the transformer. `True`: the text encoder gets the
+            tokenizer's attention mask, as BERT-style encoders expect, and the transformer hides the padding from
+            its caption refiner, pooled caption and cross-attention; for models trained that way (the
+            quickstart). Saved in `model_index.json`, so a pipeline folder reloads as it was trained.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -65,6 +69,7 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
         text_encoder: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         scheduler: KarrasDiffusionSchedulers,
+        mask_caption_padding: bool = False,
     ):
         super().__init__()
         if isinstance(tokenizer, CLIPTokenizer) and tokenizer.pad_token_id == 0:
@@ -74,6 +79,7 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
         self.register_modules(
             transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
         )
+        self.register_to_config(mask_caption_padding=mask_caption_padding)
         self.vae_scale_factor = vae_scale_factor_of(vae) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -101,7 +107,8 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
     def attention_kwargs(self) -> dict | None:
         return self._attention_kwargs
 
-    def _encode_text(self, prompt: list[str], device: torch.device) -> torch.Tensor:
+    def _encode_text(self, prompt: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token states (B, L, C) of `prompt` and, with `mask_caption_padding`, the tokenizer's (B, L) mask."""
         tokens = self.tokenizer(
             prompt,
             padding="max_length",
@@ -109,8 +116,10 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
             truncation=True,
             return_tensors="pt",
         )
-        # No attention mask: the original consumes every position, padding included.
-        return self.text_encoder(tokens.input_ids.to(device)).last_hidden_state
+        if not self.config.mask_caption_padding:  # the original consumes every position, padding included
+            return self.text_encoder(tokens.input_ids.to(device)).last_hidden_state, None
+        mask = tokens.attention_mask.to(device)
+        return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask).last_hidden_state, mask
 
     def encode_prompt(
         self,
@@ -121,29 +130,48 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Caption token states (B * num_images_per_prompt, L, C), and the unconditional ones when guiding: the
-        encoded negative prompt if given, else MicroDiT's null caption (all zeros)."""
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """`(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)`, in
+        diffusers' PixArt order: caption token states (B * num_images_per_prompt, L, C) and, when guiding, the
+        unconditional ones: the encoded negative prompt if given, else MicroDiT's null caption (all zeros).
+
+        The (B * num_images_per_prompt, L) masks are `None` unless the pipeline has `mask_caption_padding`; then
+        they are the tokenizer's (the given ones for given embeddings, where `None` keeps every position), and
+        all ones for the null caption."""
         device = device or self._execution_device
+        masked = self.config.mask_caption_padding
         if prompt_embeds is None:
             prompt = [prompt] if isinstance(prompt, str) else prompt
-            prompt_embeds = self._encode_text(prompt, device)
+            prompt_embeds, prompt_attention_mask = self._encode_text(prompt, device)
         prompt_embeds = prompt_embeds.to(device)
         batch_size = prompt_embeds.shape[0]
 
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             if negative_prompt is None:
                 negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+                negative_prompt_attention_mask = None
             else:
                 negative_prompt = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
-                negative_prompt_embeds = self._encode_text(negative_prompt, device)
+                negative_prompt_embeds, negative_prompt_attention_mask = self._encode_text(negative_prompt, device)
         if not do_classifier_free_guidance:
-            negative_prompt_embeds = None
+            negative_prompt_embeds = negative_prompt_attention_mask = None
 
-        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        if negative_prompt_embeds is not None:
-            negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)
-        return prompt_embeds, negative_prompt_embeds
+        def repeated(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+
+        def mask_of(embeds: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+            if not masked or embeds is None:
+                return None
+            return torch.ones(embeds.shape[:2], dtype=torch.long, device=device) if mask is None else mask
+
+        return (
+            repeated(prompt_embeds),
+            repeated(mask_of(prompt_embeds, prompt_attention_mask)),
+            repeated(negative_prompt_embeds),
+            repeated(mask_of(negative_prompt_embeds, negative_prompt_attention_mask)),
+        )
 
     def check_inputs(
         self,
@@ -162,6 +190,8 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
         timesteps=None,
         sigmas=None,
         generator=None,
+        prompt_attention_mask=None,
+        negative_prompt_attention_mask=None,
     ):
         multiple = self.vae_scale_factor * self.transformer.config.patch_size
         for name, size in (("height", height), ("width", width)):
@@ -210,6 +240,23 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
                 f"{tuple(negative_prompt_embeds.shape)} and "
                 f"{None if prompt_embeds is None else tuple(prompt_embeds.shape)}."
             )
+        for name, mask, embeds_name, embeds in (
+            ("prompt_attention_mask", prompt_attention_mask, "prompt_embeds", prompt_embeds),
+            ("negative_prompt_attention_mask", negative_prompt_attention_mask, "negative_prompt_embeds",
+             negative_prompt_embeds),
+        ):  # fmt: skip
+            if mask is None:
+                continue
+            if not self.config.mask_caption_padding:
+                raise ValueError(
+                    f"`{name}` is only used by a pipeline with `mask_caption_padding=True`; this one feeds every "
+                    "caption position to the transformer, as the model was trained. Drop the mask."
+                )
+            if embeds is None or tuple(mask.shape) != tuple(embeds.shape[:2]):
+                raise ValueError(
+                    f"`{name}` must come with `{embeds_name}` and be its (batch, tokens) keep-mask, got "
+                    f"{tuple(mask.shape)} for {None if embeds is None else tuple(embeds.shape)}."
+                )
         check_latents_shape(
             latents, batch_size * num_images_per_prompt, self.transformer.config.in_channels, height, width,
             self.vae_scale_factor,
@@ -253,6 +300,8 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
@@ -280,6 +329,8 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
             latents: unit-variance initial noise of shape (B, C, H/8, W/8); scaled by the scheduler's
                 `init_noise_sigma`.
             prompt_embeds, negative_prompt_embeds: precomputed caption states (B, L, caption_channels).
+            prompt_attention_mask, negative_prompt_attention_mask: their (B, L) tokenizer masks, for a pipeline with
+                `mask_caption_padding` (`None` keeps every position); see `encode_prompt`.
             output_type: "pil", "np", "pt" or "latent".
             return_dict: return an `ImagePipelineOutput` instead of a tuple.
             callback_on_step_end: called as `fn(pipe, step, timestep, callback_kwargs)` after every step; may return
@@ -310,21 +361,30 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
             timesteps,
             sigmas,
             generator,
+            prompt_attention_mask,
+            negative_prompt_attention_mask,
         )
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
         self._interrupt = False
         device = self._execution_device
 
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            self.do_classifier_free_guidance,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
+        prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
+            self.encode_prompt(
+                prompt,
+                device,
+                num_images_per_prompt,
+                self.do_classifier_free_guidance,
+                negative_prompt,
+                prompt_embeds,
+                negative_prompt_embeds,
+                prompt_attention_mask,
+                negative_prompt_attention_mask,
+            )
         )
+        caption_mask = prompt_attention_mask
+        if self.do_classifier_free_guidance and caption_mask is not None:
+            caption_mask = torch.cat([negative_prompt_attention_mask, prompt_attention_mask])
         timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
         self._num_timesteps = len(timesteps)
         # A second-order scheduler evaluates the network `order` times per solver step (the last step once).
@@ -356,6 +416,7 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
                     model_input.to(model_dtype),
                     t.expand(model_input.shape[0]),
                     context.to(model_dtype),
+                    encoder_attention_mask=caption_mask,
                     attention_kwargs=self.attention_kwargs,
                 ).sample.float()
                 if self.do_classifier_free_guidance:

@@ -119,6 +119,8 @@ def encoder_settings(pipeline, resolutions: Sequence[int], aspect_ratio_buckets:
         "resolutions": list(resolutions),
         "aspect_ratio_buckets": list(aspect_ratio_buckets),
     }
+    if pipeline.config.get("mask_caption_padding"):  # recorded only when set, so older caches still match
+        settings["mask_caption_padding"] = True
     return json.loads(json.dumps(settings, default=str))
 
 

@@ -39,18 +39,22 @@ def edm_loss(
     noise: torch.Tensor,
     keep_ids: torch.Tensor | None = None,
     masking: str = "deferred",
+    encoder_attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EDM loss `w(sigma) * (D(x0 + sigma * n, sigma) - x0)^2` with `w = (sigma^2 + sd^2) / (sigma * sd)^2`.
 
     `D` is the transformer preconditioned by the scheduler (any diffusers EDM scheduler; its `sigma_data` is used),
     exactly as at sampling time. With `keep_ids` (deferred or naive masking, see the model's `masking`) the
     per-pixel loss is averaged per patch (the model config's `patch_size`) and then over each sample's kept patches
-    only; removed patches contribute nothing. `masking` is only read with `keep_ids`. `transformer` may be wrapped
-    (DDP, FSDP): only its forward and config are used. Returns the batch mean and the per-sample losses (B,).
+    only; removed patches contribute nothing. `masking` is only read with `keep_ids`. `encoder_attention_mask` (B, L)
+    hides the captions' padding from the model (see its forward); `None` uses every position. `transformer` may be
+    wrapped (DDP, FSDP): only its forward and config are used. Returns the batch mean and the per-sample losses (B,).
     """
     sigma_data = scheduler.config.sigma_data
     noisy = latents + noise * sigmas
     masked = {} if keep_ids is None else {"keep_ids": keep_ids, "masking": masking}
+    if encoder_attention_mask is not None:
+        masked["encoder_attention_mask"] = encoder_attention_mask
     output = transformer(
         scheduler.precondition_inputs(noisy, sigmas),
         scheduler.precondition_noise(sigmas.flatten()),
@@ -90,7 +94,9 @@ def microdit_objective(
 
     Per micro-batch, in the original's order: log-normal noise levels, Gaussian noise, the kept patches (when
     masking), and caption dropout to all-zero embeddings (MicroDiT's null caption for classifier-free guidance);
-    everything drawn from `draws` (a `BatchRandomness`).
+    everything drawn from `draws` (a `BatchRandomness`). A cache encoded by a pipeline with `mask_caption_padding`
+    holds `prompt_attention_mask`; it is then passed to the model, all ones for dropped captions, as the pipeline
+    does for its null caption.
     """
     if masking not in MASKING_MODES:
         raise ValueError(f"masking must be one of {MASKING_MODES}, got {masking!r}.")
@@ -109,7 +115,13 @@ def microdit_objective(
             keep_ids = draws.local(get_random_keep_ids(n, num_tokens, mask_ratio, generator=draws.generator))
         keep_caption = draws.local(torch.rand(n, generator=draws.generator) >= caption_dropout)
         captions = captions * keep_caption.view(-1, 1, 1)
-        loss, _ = edm_loss(model, scheduler, latents, captions, sigmas, noise, keep_ids=keep_ids, masking=masking)
+        caption_mask = batch.get("prompt_attention_mask")
+        if caption_mask is not None:
+            caption_mask = caption_mask.to(draws.device, torch.bool) | ~keep_caption.view(-1, 1)
+        loss, _ = edm_loss(
+            model, scheduler, latents, captions, sigmas, noise, keep_ids=keep_ids, masking=masking,
+            encoder_attention_mask=caption_mask,
+        )
         return loss
 
     return compute_loss

@@ -57,11 +57,10 @@ SKIP_COUNTS = ("rows", "skipped_corrupt", "skipped_no_caption", "skipped_small")
 @torch.no_grad()
 def encode_captions(pipeline, captions: list[str]) -> dict[str, torch.Tensor]:
     """Caption embeddings exactly as `pipeline` computes them at sampling time (so training sees what inference
-    feeds the transformer); PixArt-style pipelines also return the T5 attention mask."""
-    encoded = pipeline.encode_prompt(captions, do_classifier_free_guidance=False)
-    if len(encoded) == 4:  # PixArt-Sigma layout: (embeds, attention_mask, negative embeds, negative mask)
-        return {"prompt_embeds": encoded[0], "prompt_attention_mask": encoded[1]}
-    return {"prompt_embeds": encoded[0]}
+    feeds the transformer), with the attention mask when the pipeline uses one (PixArt-style pipelines' T5 mask, a
+    MicroDiT pipeline's with `mask_caption_padding`)."""
+    embeds, mask, _, _ = pipeline.encode_prompt(captions, do_classifier_free_guidance=False)
+    return {"prompt_embeds": embeds} if mask is None else {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
 
 def _check_resumable(output_dir: Path, settings: dict) -> None:
