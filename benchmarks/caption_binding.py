@@ -112,9 +112,9 @@ def main(argv=None) -> dict:
     scorer = ShapesEval()
     detections = [[d for d in scorer.detect(image) if d.shape is not None] for image in images]
     embeds, caption_mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
-    tokens = [tokenizer.convert_ids_to_tokens(row) for row in ids]
-    lengths = [len(tokenizer(p, truncation=True, max_length=tokenizer.model_max_length).input_ids) for p in prompts]
+    tokenized = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+    tokens = [tokenizer.convert_ids_to_tokens(row) for row in tokenized.input_ids]
+    lengths = [sum(row) for row in tokenized.attention_mask]  # tokens before the padding, end token included
 
     recorder = RecordingAttnProcessor()
     for block in transformer.transformer_blocks:

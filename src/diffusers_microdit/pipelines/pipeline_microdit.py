@@ -116,10 +116,11 @@ class MicroDiTPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
             truncation=True,
             return_tensors="pt",
         )
+        input_ids = tokens.input_ids.to(device)
         if not self.config.mask_caption_padding:  # the original consumes every position, padding included
-            return self.text_encoder(tokens.input_ids.to(device)).last_hidden_state, None
+            return self.text_encoder(input_ids).last_hidden_state, None
         mask = tokens.attention_mask.to(device)
-        return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask).last_hidden_state, mask
+        return self.text_encoder(input_ids, attention_mask=mask).last_hidden_state, mask
 
     def encode_prompt(
         self,

@@ -52,14 +52,15 @@ def edm_loss(
     """
     sigma_data = scheduler.config.sigma_data
     noisy = latents + noise * sigmas
-    masked = {} if keep_ids is None else {"keep_ids": keep_ids, "masking": masking}
+    # Only the arguments in use, so models (and test doubles) without them still fit.
+    model_kwargs = {} if keep_ids is None else {"keep_ids": keep_ids, "masking": masking}
     if encoder_attention_mask is not None:
-        masked["encoder_attention_mask"] = encoder_attention_mask
+        model_kwargs["encoder_attention_mask"] = encoder_attention_mask
     output = transformer(
         scheduler.precondition_inputs(noisy, sigmas),
         scheduler.precondition_noise(sigmas.flatten()),
         encoder_hidden_states,
-        **masked,
+        **model_kwargs,
     )
     denoised = scheduler.precondition_outputs(noisy, output.sample, sigmas)
     weight = (sigmas**2 + sigma_data**2) / (sigmas * sigma_data) ** 2
