@@ -221,6 +221,28 @@ def test_caption_mask_hides_padding():
         model(x, t, y, encoder_attention_mask=torch.ones(2, 5))
 
 
+def test_caption_positions_make_word_order_visible():
+    """Without caption positions (the original) the model sees a caption as a bag of token states: reordering them
+    changes nothing. `caption_pos_embed_max_length` makes the order count; captions longer than it are refused."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(shape, generator=generator, dtype=torch.float64) for shape in [(2, 4, 8, 8), (2, 6, 32)])
+    t = torch.tensor([0.3, -0.8], dtype=torch.float64)
+    reordered = y[:, [2, 0, 1, 5, 3, 4]]
+    original = tiny_transformer().double()
+    assert original.caption_pos_embed is None
+    assert not any("caption_pos_embed" in key for key in original.state_dict())
+    positioned = tiny_transformer(caption_pos_embed_max_length=6).double()
+    assert positioned.caption_pos_embed.shape == (1, 6, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(original(x, t, reordered).sample, original(x, t, y).sample)
+        assert not torch.allclose(positioned(x, t, reordered).sample, positioned(x, t, y).sample)
+        assert positioned(x, t, y[:, :4]).sample.shape == x.shape  # shorter captions use the first positions
+    with pytest.raises(ValueError, match="max_length=6 or fewer"):
+        positioned(x, t, torch.zeros(2, 7, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="caption_pos_embed_max_length must be None"):
+        tiny_transformer(caption_pos_embed_max_length=0)
+
+
 def test_routing_is_per_sample():
     """Expert choice routes within each sample: a sample's output does not depend on its batch mates.
 
@@ -279,7 +301,8 @@ def test_save_load_round_trip_is_exact(tmp_path):
     original, reloaded = model.state_dict(), loaded.state_dict()
     assert original.keys() == reloaded.keys()
     assert all(torch.equal(original[k], reloaded[k]) for k in original)
-    x, t, y = torch.randn(1, 4, 8, 8), torch.zeros(1), torch.randn(1, 5, 32)
+    generator = torch.Generator().manual_seed(0)  # inputs independent of the tests run before
+    x, t, y = torch.randn(1, 4, 8, 8, generator=generator), torch.zeros(1), torch.randn(1, 5, 32, generator=generator)
     with torch.no_grad():
         # Bit-identical weights; the outputs may differ in the last bits only because memory-mapped tensors have
         # another alignment, which selects other CPU kernels.
