@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The MicroDiT paper's masking ablation on the embedded shapes task, at equal wall-clock training budget.
 
-Trains quickstart's 2.0M-parameter MicroDiT from scratch once per mode (no masking, naive 75% masking = patches
+Trains quickstart's MicroDiT (its TRANSFORMER) from scratch once per mode (no masking, naive 75% masking = patches
 dropped before the patch mixer, deferred 75% masking = dropped after it) for as many steps as fit in
 --budget_seconds of that mode's step time, then scores each pipeline with ShapesEval on held-out captions.
 

@@ -77,7 +77,7 @@ STAGES = (
 )
 # Minutes of --total_minutes kept back from training: sampling and scoring the held-out captions (0.3 min at 10
 # steps on a slow 2-core machine, so about 0.6 at 20), saving the last stage, and the last stage's step-time drift
-# from its calibration (97-103 % of plan with 20 timed calibration steps; the first stage's drift is absorbed by
+# from its calibration (97-108 % of plan with 20 timed calibration steps; the first stage's drift is absorbed by
 # planning the second from the clock).
 RESERVE_MINUTES = 1.0
 # The training mix: single shapes and colours (scored 0.9-1.0 after the demo's steps) get half the default weight and
