@@ -112,7 +112,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--eval_per_category", type=int, default=30)
-    # 20 Heun steps scored 0.006-0.025 above 10 on three demo pipelines (90 captions per category); guidance 1.5-2.5
+    # 20 Heun steps scored 0.006-0.033 above 10 on four demo pipelines (90 captions per category); guidance 1.5-2.5
     # ties, 3 and 5 score lower.
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=2.0)
