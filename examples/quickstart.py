@@ -45,13 +45,13 @@ HERE = Path(__file__).resolve().parent
 RESOLUTION = 32
 SIGMA_DATA = 0.5  # latents are scaled to this std, and EDM preconditions with it
 TEXT_MAX_LENGTH = 16  # the longest shapes caption is 14 MiniLM tokens
-# 1.5M parameters, 8x8 latent patches of 1 -> 64 tokens. Small and fast beats big and slow on 2 cores; MoE is
-# off because at this width the expert routing costs more time than its extra capacity returns. Patches of 2 (16
-# tokens) trained 1.8x the steps in the same minutes but drew blobs (0.10 against 0.22). Six blocks of width 96
-# step 10-14 % faster than four of width 128 on a 2-core AVX-512 CPU and bind better: 0.47 / 0.50 against 0.47 / 0.47 at 10 /
-# 20 sampling steps in the 15-minute demo (90 captions per category); ten of width 64 (two heads) scored 0.46. MiniLM's token states hardly
-# depend on their neighbours, so the caption gets learned positions: without them "a red circle and a blue square"
-# and "a blue circle and a red square" are the same bag of words to the network.
+# 1.5M parameters, 8x8 latent patches of 1 -> 64 tokens. Small and fast beats big and slow on 2 cores; MoE is off
+# because at this width the expert routing costs more time than its extra capacity returns. Patches of 2 (16 tokens)
+# trained 1.8x the steps in the same minutes but drew blobs (0.10 against 0.22). Six blocks of width 96 step 10-14 %
+# faster than four of width 128 on a 2-core AVX-512 CPU and bind better: 0.47 / 0.50 against 0.47 / 0.47 at 10 / 20
+# sampling steps in the 15-minute demo (90 captions per category); ten of width 64 (two heads) scored 0.46. MiniLM's
+# token states hardly depend on their neighbours, so the caption gets learned positions: without them "a red circle
+# and a blue square" and "a blue circle and a red square" are the same bag of words to the network.
 TRANSFORMER = dict(
     patch_size=1,
     hidden_size=96,

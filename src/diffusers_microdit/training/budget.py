@@ -6,8 +6,9 @@ meter) become a fixed number of optimizer steps before the LR schedule is built 
    not timed: the first allocates memory and the optimizer's moments, compiles (torch.compile, cuDNN autotuning)
    and counts the FLOPs; the next can still recompile, grow the allocator's pools and warm the caches. The median
    of the twenty timed steps ignores stray slow ones: with two warm-up and five timed steps, quickstart's stages on
-   a 2-core CPU ran 84-111 % of their plans. The trainer puts the weights, optimizer and RNG states back afterwards,
-   so a budgeted run ends with the weights of an unbudgeted run of its planned length.
+   a 2-core CPU ran 84-111 % of their plans; with these, 97-108 % (on a faster 2-core CPU). The trainer puts the
+   weights, optimizer and RNG states back afterwards, so a budgeted run ends with the weights of an unbudgeted run
+   of its planned length.
 2. Plan: the steps that fit in (1 - `MARGIN`) of the budget at that step time; the margin pays for checkpoints,
    logging and the data loader's start, which calibration does not time.
 3. Keep: every checkpoint records the planned count, and a resumed run trains to it without calibrating again, so
